@@ -1,0 +1,188 @@
+"""Data readers shared by every CLI command: the builtin digits, ``.npz`` files and IDX (MNIST) files.
+
+Every reader returns images as float32 in [0, 1] with shape (n_samples, 1, H, W) and labels as int64,
+so a model trained on one source reads the others the same way.
+
+=====================  ======================================================================================
+spec                   meaning
+=====================  ======================================================================================
+``digits``             all 1,797 images of :func:`sklearn.datasets.load_digits` (8x8, pixel values 0..16 / 16)
+``digits:SPLIT``       one part of the fixed, seeded, stratified split (``train``, ``calib``, ``test``) used by
+                       the demo models (:func:`digits_split`)
+``FILE.npz``           arrays ``x`` (n, H, W) or (n, C, H, W) and ``y`` (n,); uint8 pixels are divided by 255
+``DIR``                a folder with exactly one ``*images-idx3-ubyte[.gz]`` and its ``*labels-idx1-ubyte[.gz]``
+``FILE-idx3-ubyte``    an IDX images file (gzipped or raw); labels are the matching ``labels-idx1`` file
+=====================  ======================================================================================
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from detector.errors import DataError
+
+__all__ = ["Dataset", "load_dataset", "digits_split", "read_idx", "DIGITS_SPLIT_SEED"]
+
+#: Seed of the fixed digits split; changing it changes every demo model and baseline.
+DIGITS_SPLIT_SEED = 0
+_DIGITS_FRACTIONS = {"train": 0.5, "calib": 0.3, "test": 0.2}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Images and labels.
+
+    Attributes
+    ----------
+    x : ndarray of shape (n_samples, C, H, W), float32 in [0, 1]
+    y : ndarray of shape (n_samples,), int64
+    name : str
+        Where it came from (the spec), for reports.
+    """
+
+    x: np.ndarray
+    y: np.ndarray
+    name: str
+
+    def __len__(self) -> int:
+        return int(len(self.y))
+
+
+def digits_split(seed: int = DIGITS_SPLIT_SEED) -> dict[str, Dataset]:
+    """The fixed stratified train / calib / test split (50 / 30 / 20 %) of the sklearn digits.
+
+    Each class is shuffled with ``numpy.random.default_rng(seed)`` and cut at the same fractions, so the
+    split is identical on every machine.
+    """
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    y = bunch.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in _DIGITS_FRACTIONS}
+    for cls in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == cls))
+        n_train = int(round(len(idx) * _DIGITS_FRACTIONS["train"]))
+        n_calib = int(round(len(idx) * _DIGITS_FRACTIONS["calib"]))
+        parts["train"].append(idx[:n_train])
+        parts["calib"].append(idx[n_train : n_train + n_calib])
+        parts["test"].append(idx[n_train + n_calib :])
+    out = {}
+    for name, chunks in parts.items():
+        idx = np.sort(np.concatenate(chunks))
+        out[name] = Dataset(x[idx], y[idx], f"digits:{name}")
+    return out
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file (the MNIST format), gzipped or raw.
+
+    The header is two zero bytes, a dtype code, the number of dimensions d, then d big-endian uint32 sizes.
+    """
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except FileNotFoundError:
+        raise DataError(f"IDX file not found: {path}") from None
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex() if raw else 'empty'})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(f"{path}: header says shape {dims} ({expected} bytes) but the file holds {len(raw) - header} bytes")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+
+
+def _as_images(x: np.ndarray, source: str) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim != 4:
+        raise DataError(f"{source}: images must have shape (n, H, W) or (n, C, H, W), got {x.shape}")
+    if x.dtype == np.uint8:
+        return (x.astype(np.float32) / 255.0)
+    if x.dtype.kind not in "fiu":
+        raise DataError(f"{source}: images must be numeric, got dtype {x.dtype}")
+    return x.astype(np.float32)
+
+
+def _pair(x: np.ndarray, y: np.ndarray, source: str) -> Dataset:
+    x = _as_images(np.asarray(x), source)
+    y = np.asarray(y)
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise DataError(f"{source}: labels must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
+    if len(x) != len(y):
+        raise DataError(f"{source}: {len(x)} images but {len(y)} labels")
+    if len(x) == 0:
+        raise DataError(f"{source}: the data set is empty")
+    return Dataset(np.ascontiguousarray(x), y.astype(np.int64), source)
+
+
+def _idx_label_file(images: Path) -> Path:
+    name = images.name.replace("images-idx3", "labels-idx1")
+    if name == images.name:
+        raise DataError(f"{images}: an IDX images file name must contain 'images-idx3' to find its labels")
+    candidates = [images.with_name(name), images.with_name(name.removesuffix(".gz")), images.with_name(name + ".gz")]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise DataError(f"no labels file for {images}: expected {candidates[0]}")
+
+
+def load_dataset(spec: str) -> Dataset:
+    """Read a data set named by ``spec`` (see the module docstring for the forms it takes).
+
+    Raises
+    ------
+    DataError
+        Missing file, unknown format, mismatched lengths, or an unknown digits split.
+    """
+    if spec == "digits":
+        parts = digits_split()
+        return Dataset(
+            np.concatenate([p.x for p in parts.values()]), np.concatenate([p.y for p in parts.values()]), "digits"
+        )
+    if spec.startswith("digits:"):
+        split = spec.split(":", 1)[1]
+        parts = digits_split()
+        if split not in parts:
+            raise DataError(f"unknown digits split {split!r}; expected one of {', '.join(parts)}")
+        return parts[split]
+    path = Path(spec)
+    if not path.exists():
+        raise DataError(f"data not found: {spec!r} is neither 'digits', 'digits:SPLIT' nor an existing file or folder")
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if "images-idx3-ubyte" in p.name)
+        if len(images) != 1:
+            raise DataError(
+                f"{path}: expected exactly one '*images-idx3-ubyte[.gz]' file in the folder, found {len(images)}"
+                + (f" ({', '.join(p.name for p in images)}); name the file instead" if images else "")
+            )
+        path = images[0]
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                missing = {"x", "y"} - set(npz.files)
+                if missing:
+                    raise DataError(f"{path}: a .npz data file needs arrays 'x' and 'y'; missing {sorted(missing)}")
+                return _pair(npz["x"], npz["y"], str(path))
+        except DataError:
+            raise
+        except Exception as exc:  # zipfile.BadZipFile, ValueError for object arrays, ...
+            raise DataError(f"{path} is not a readable .npz file: {exc}") from None
+    if "idx3-ubyte" in path.name:
+        return _pair(read_idx(path), read_idx(_idx_label_file(path)), str(path))
+    raise DataError(f"{path}: unknown data format; expected a .npz file, an IDX images file or a folder holding one")

@@ -1,0 +1,247 @@
+"""Wrap an ONNX classifier so that one ONNX Runtime run returns logits and hidden activations.
+
+At load time the graph is rewritten: every tensor to capture becomes an extra graph output. Serving then
+calls ``session.run`` once per batch and gets the logits and all captured activations together, never a
+second model run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from detector.capture import Capture
+from detector.errors import InvalidInput, ModelError
+from detector.structure import ACTIVATION_OPS, Op, extract_structure
+
+__all__ = ["LayerInfo", "OnnxClassifier", "file_sha256"]
+
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16}
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file's bytes (identifies the model a baseline was calibrated for)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One capturable tensor: the output of a node.
+
+    Attributes
+    ----------
+    name : str
+        ONNX tensor name (what ``--layers`` takes).
+    op_type : str
+        The op that produces it (``Relu``, ``Conv``, ...).
+    shape : tuple of int
+        Shape of one input's tensor, batch axis excluded.
+    post_activation : bool
+        Whether it is the output of an element-wise activation (captured by default).
+    """
+
+    name: str
+    op_type: str
+    shape: tuple[int, ...]
+    post_activation: bool
+
+    @property
+    def size(self) -> int:
+        """Number of units (vertices in the induced graph)."""
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+class OnnxClassifier:
+    """An ONNX classifier whose hidden activations are captured in the same inference pass.
+
+    Parameters
+    ----------
+    path : str or PathLike
+        The ``.onnx`` file. It must have one float input of shape (batch, ...) and a first output of shape
+        (batch, n_classes) with n_classes >= 2 (the logits).
+    capture : sequence of str, optional
+        Tensor names to capture. Default: every post-activation hidden layer (outputs of element-wise
+        activations such as Relu, except the logits). :meth:`layers` lists the names.
+    intra_op_threads : int, optional
+        ONNX Runtime intra-op thread count (0 lets ONNX Runtime choose).
+
+    Raises
+    ------
+    ModelError
+        The file is missing, not ONNX, or not classifier-shaped.
+    InvalidInput
+        A name in ``capture`` is not a tensor of the model.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], capture: Sequence[str] | None = None, intra_op_threads: int = 0):
+        self.path = Path(path)
+        self.model_ = _load_onnx(self.path)
+        self.sha256 = file_sha256(self.path)
+        graph = self.model_.graph
+        inits = {i.name for i in graph.initializer}
+        inputs = [i for i in graph.input if i.name not in inits]
+        if len(inputs) != 1:
+            raise ModelError(f"{self.path}: expected a classifier with exactly one input tensor, found {len(inputs)}")
+        self.input_name = inputs[0].name
+        self.input_dtype = np.dtype(_tensor_dtype(inputs[0], self.path))
+        self.input_shape = _static_shape(inputs[0])  # per-sample shape, batch excluded
+        self.output_name = graph.output[0].name
+        self._shapes = _infer_shapes(self.model_)
+        logits_shape = self._shapes.get(self.output_name)
+        if logits_shape is None or len(logits_shape) != 1 or (logits_shape[0] is not None and logits_shape[0] < 2):
+            raise ModelError(
+                f"{self.path}: the first output {self.output_name!r} must have shape (batch, n_classes) with n_classes >= 2, "
+                f"got {('batch',) + tuple(logits_shape) if logits_shape is not None else 'an unknown shape'}"
+            )
+        self.n_classes = logits_shape[0]
+        self._layers = self._list_layers()
+        self.capture = list(capture) if capture is not None else self.default_capture()
+        self.set_capture(self.capture, intra_op_threads=intra_op_threads)
+
+    # -- description -----------------------------------------------------------------------------
+    def _list_layers(self) -> list[LayerInfo]:
+        layers = []
+        for node in self.model_.graph.node:
+            if node.op_type in ("Constant", "Shape"):
+                continue
+            for out in node.output:
+                shape = self._shapes.get(out)
+                if not out or shape is None or any(d is None for d in shape):
+                    continue
+                layers.append(LayerInfo(out, node.op_type, tuple(int(d) for d in shape), node.op_type in ACTIVATION_OPS))
+        return layers
+
+    def layers(self) -> list[LayerInfo]:
+        """Every capturable tensor (node output with a known per-sample shape), in graph order."""
+        return list(self._layers)
+
+    def default_capture(self) -> list[str]:
+        """Names of the post-activation hidden layers (element-wise activation outputs other than the logits)."""
+        return [layer.name for layer in self._layers if layer.post_activation and layer.name != self.output_name]
+
+    def structure(self) -> list[Op]:
+        """The layered structure (weights, strides, pads, ...) of the graph; see :mod:`detector.structure`."""
+        return extract_structure(self.model_)
+
+    # -- capture -----------------------------------------------------------------------------------
+    def set_capture(self, names: Sequence[str], intra_op_threads: int = 0) -> None:
+        """Rewrite the graph so that ``names`` become extra outputs, and build the ONNX Runtime session."""
+        known = {layer.name for layer in self._layers}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise InvalidInput(
+                f"unknown layer name(s) {unknown}; capturable layers are: {', '.join(sorted(known)) or 'none'} "
+                "(see `advdetect layers --model ...`)"
+            )
+        order = {layer.name: i for i, layer in enumerate(self._layers)}
+        self.capture = sorted(dict.fromkeys(names), key=order.__getitem__)
+        rewritten = onnx.ModelProto()
+        rewritten.CopyFrom(self.model_)
+        present = {o.name for o in rewritten.graph.output}
+        for name in self.capture:
+            if name not in present:
+                rewritten.graph.output.append(onnx.ValueInfoProto(name=name))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+    def validate(self, x: np.ndarray) -> np.ndarray:
+        """Check a batch and return it as a C-contiguous array of the model's input dtype.
+
+        Raises
+        ------
+        InvalidInput
+            Not an array of real numbers, empty batch, wrong per-sample shape, NaN or Inf values.
+        """
+        x = np.asarray(x)
+        if x.dtype.kind not in "fiu":
+            raise InvalidInput(f"input must be an array of real numbers ({self.input_dtype}), got dtype {x.dtype}")
+        expected = ("batch",) + tuple("?" if d is None else d for d in self.input_shape)
+        if x.ndim != len(self.input_shape) + 1 or any(
+            d is not None and d != s for d, s in zip(self.input_shape, x.shape[1:])
+        ):
+            raise InvalidInput(f"input must have shape {expected}, got {x.shape}")
+        if x.shape[0] == 0:
+            raise InvalidInput(f"empty batch: input must have shape {expected} with batch >= 1")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            bad = int(np.count_nonzero(~np.isfinite(x).reshape(len(x), -1).all(axis=1)))
+            raise InvalidInput(f"input contains NaN or Inf values ({bad} of {len(x)} inputs)")
+        return np.ascontiguousarray(x, dtype=self.input_dtype)
+
+    def run(self, x: np.ndarray) -> Capture:
+        """One ONNX Runtime run: logits and every captured activation for the batch ``x``.
+
+        Parameters
+        ----------
+        x : ndarray of shape (n_samples, ...) matching the model's input
+
+        Returns
+        -------
+        Capture
+        """
+        x = self.validate(x)
+        outputs = self._session.run([self.output_name, *self.capture], {self.input_name: x})
+        return Capture(inputs=x, logits=outputs[0], activations=dict(zip(self.capture, outputs[1:])))
+
+    def run_batches(self, x: np.ndarray, batch_size: int = 256) -> Capture:
+        """:meth:`run` over ``x`` in batches of ``batch_size`` (bounded memory), concatenated."""
+        x = self.validate(x)
+        return Capture.concatenate([self.run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def _load_onnx(path: Path) -> onnx.ModelProto:
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, ... for a file that is not ONNX
+        raise ModelError(f"{path} is not a valid ONNX model: {type(exc).__name__}: {str(exc)[:200]}") from None
+    if not model.graph.node or not model.graph.output:
+        raise ModelError(f"{path} is not a valid ONNX model: the graph has no nodes or no outputs")
+    return model
+
+
+def _tensor_dtype(value: onnx.ValueInfoProto, path: Path) -> type:
+    elem = value.type.tensor_type.elem_type
+    if elem not in _FLOAT_TYPES:
+        raise ModelError(f"{path}: the input {value.name!r} must be a float tensor, got {onnx.TensorProto.DataType.Name(elem)}")
+    return _FLOAT_TYPES[elem]
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
+    if not value.type.tensor_type.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+
+
+def _static_shape(value: onnx.ValueInfoProto) -> tuple[int | None, ...]:
+    dims = _dims(value)
+    if not dims:
+        raise ModelError(f"the input {value.name!r} has no declared shape; export with a shape (batch, ...)")
+    return tuple(dims[1:])
+
+
+def _infer_shapes(model: onnx.ModelProto) -> dict[str, tuple[int | None, ...]]:
+    """Per-sample shapes (batch axis dropped) of every tensor ONNX shape inference can tell."""
+    inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    g = inferred.graph
+    shapes = {}
+    for value in list(g.input) + list(g.value_info) + list(g.output):
+        dims = _dims(value)
+        if dims:
+            shapes[value.name] = tuple(dims[1:])
+    return shapes

@@ -1,0 +1,5 @@
+"""Scorers: each turns a :class:`~detector.capture.Capture` into suspicion scores (higher = more suspicious)."""
+
+from detector.scorers.base import Scorer
+
+__all__ = ["Scorer"]

@@ -1,0 +1,61 @@
+"""The scorer contract shared by our methods and the peers.
+
+A scorer follows scikit-learn's shape: the constructor only stores parameters, :meth:`Scorer.fit`
+validates and learns from clean data and returns ``self``, fitted attributes end in ``_``. Scores run
+the other way from scikit-learn's ``score_samples``: **higher = more suspicious**, as in PyOD and the
+adversarial-detection literature.
+
+A scorer may produce several named scores from one pass (the introspection VAE gives a reconstruction
+error and an estimated classifier error); ``score_names`` lists them and :meth:`Scorer.scores` returns
+them all. :meth:`Scorer.score` is the first one, for the common single-score case.
+
+State is written and read as JSON-able parameters plus a dict of plain numpy arrays, so that a baseline
+artifact never needs pickle.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from detector.capture import Capture
+from detector.errors import NotReady
+
+__all__ = ["Scorer"]
+
+
+class Scorer(ABC):
+    """Base class of every scorer.
+
+    Subclasses set ``kind`` (a stable identifier used in the artifact) and ``score_names``.
+    """
+
+    kind: ClassVar[str]
+    score_names: ClassVar[tuple[str, ...]]
+
+    @abstractmethod
+    def fit(self, capture: Capture, labels: np.ndarray) -> "Scorer":
+        """Learn the clean reference from ``capture`` and the true ``labels`` (n_samples,); return self."""
+
+    @abstractmethod
+    def scores(self, capture: Capture) -> dict[str, np.ndarray]:
+        """Every named score, each ndarray of shape (n_samples,), float64; higher = more suspicious."""
+
+    def score(self, capture: Capture) -> np.ndarray:
+        """The first of :attr:`score_names`, ndarray of shape (n_samples,); higher = more suspicious."""
+        return self.scores(capture)[self.score_names[0]]
+
+    @abstractmethod
+    def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        """Constructor parameters (JSON-able) and fitted state as plain numpy arrays (no object dtype)."""
+
+    @classmethod
+    @abstractmethod
+    def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> "Scorer":
+        """Rebuild a fitted scorer from :meth:`get_state`'s output without executing stored code."""
+
+    def _check_fitted(self, attribute: str) -> None:
+        if not hasattr(self, attribute):
+            raise NotReady(f"{type(self).__name__} is not fitted: call fit() or load it from a baseline first")

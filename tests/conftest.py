@@ -1,0 +1,43 @@
+"""Fixtures shared by every test package: the embedded demo models and real data locations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+#: The real MNIST test set shipped beside the checkout (CI clones main with shared/ next to it).
+MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
+
+
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float]]:
+    """Train the demo models once per test session (about 10 s): their folder and test accuracies."""
+    from detector.offline.demo_models import build_demo_models
+
+    out = tmp_path_factory.mktemp("demo_models")
+    accuracies = build_demo_models(out, verbose=False)
+    return out, accuracies
+
+
+@pytest.fixture(scope="session")
+def demo_models(demo_build: tuple[Path, dict[str, float]]) -> Path:
+    """Folder with digits_{mlp,cnn}.onnx, digits_{mlp,cnn}.pt and digits_split.npz."""
+    return demo_build[0]
+
+
+@pytest.fixture(scope="session")
+def digits_split_arrays(demo_models: Path) -> dict[str, np.ndarray]:
+    """The arrays of digits_split.npz: x_train, y_train, x_calib, y_calib, x_test, y_test."""
+    with np.load(demo_models / "digits_split.npz", allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """Folder holding the real MNIST test set in IDX format (t10k-images/labels, gzipped)."""
+    if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.fail(f"real MNIST data expected at {MNIST_DIR} (shared/ beside the checkout)")
+    return MNIST_DIR

@@ -1,0 +1,103 @@
+"""Data readers: digits, .npz and IDX (gzipped and raw, including the real MNIST test set), with clear errors."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+
+import numpy as np
+import pytest
+
+from detector import DataError, digits_split, load_dataset, read_idx
+
+
+def _write_idx(path, array: np.ndarray, gz: bool) -> None:
+    codes = {np.dtype(np.uint8): 0x08}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    data = header + array.tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def test_digits_split_is_fixed_stratified_and_disjoint():
+    parts = digits_split()
+    assert {k: len(v) for k, v in parts.items()} == {"train": 898, "calib": 539, "test": 360}
+    assert all(v.x.shape[1:] == (1, 8, 8) and v.x.dtype == np.float32 for v in parts.values())
+    assert 0.0 <= min(v.x.min() for v in parts.values()) and max(v.x.max() for v in parts.values()) == 1.0
+    for v in parts.values():  # every class in every part, in proportion
+        counts = np.bincount(v.y, minlength=10)
+        assert counts.min() >= 0.8 * counts.mean()
+    again = digits_split()
+    assert all(np.array_equal(again[k].x, parts[k].x) for k in parts)
+    rows = {k: {hashlib.sha1(img.tobytes()).hexdigest() for img in v.x} for k, v in parts.items()}
+    assert not (rows["train"] & rows["test"]) and not (rows["calib"] & rows["test"])
+    assert len(load_dataset("digits")) == 1797
+    assert load_dataset("digits:calib").name == "digits:calib"
+
+
+def test_real_mnist_idx(mnist_dir):
+    ds = load_dataset(str(mnist_dir))
+    assert ds.x.shape == (10000, 1, 28, 28) and ds.y.shape == (10000,)
+    assert ds.x.dtype == np.float32 and ds.x.max() == 1.0 and ds.x.min() == 0.0
+    assert np.bincount(ds.y).tolist()[:3] == [980, 1135, 1032]  # the published class counts of t10k
+    same = load_dataset(str(mnist_dir / "t10k-images-idx3-ubyte.gz"))
+    assert np.array_equal(same.x, ds.x)
+
+
+def test_raw_and_gzipped_idx_and_npz_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (7, 5, 6), dtype=np.uint8)
+    y = rng.integers(0, 10, 7).astype(np.uint8)
+    for gz in (False, True):
+        folder = tmp_path / ("gz" if gz else "raw")
+        folder.mkdir()
+        suffix = ".gz" if gz else ""
+        _write_idx(folder / f"train-images-idx3-ubyte{suffix}", x, gz)
+        _write_idx(folder / f"train-labels-idx1-ubyte{suffix}", y, gz)
+        ds = load_dataset(str(folder))
+        np.testing.assert_array_equal(ds.x[:, 0], x.astype(np.float32) / 255)
+        np.testing.assert_array_equal(ds.y, y)
+    np.savez(tmp_path / "d.npz", x=x, y=y.astype(np.int64))
+    ds = load_dataset(str(tmp_path / "d.npz"))
+    assert ds.x.shape == (7, 1, 5, 6) and ds.x.max() <= 1.0
+    np.savez(tmp_path / "f.npz", x=rng.random((3, 1, 4, 4)).astype(np.float32), y=np.arange(3))
+    assert load_dataset(str(tmp_path / "f.npz")).x.shape == (3, 1, 4, 4)
+
+
+def test_missing_file():
+    with pytest.raises(DataError, match="data not found: '/nonexistent.npz'"):
+        load_dataset("/nonexistent.npz")
+    with pytest.raises(DataError, match="unknown digits split 'validation'"):
+        load_dataset("digits:validation")
+
+
+def test_wrong_format(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="unknown data format"):
+        load_dataset(str(tmp_path / "notes.txt"))
+    (tmp_path / "broken.npz").write_bytes(b"PK but not really")
+    with pytest.raises(DataError, match="not a readable .npz file"):
+        load_dataset(str(tmp_path / "broken.npz"))
+    np.savez(tmp_path / "nolabels.npz", x=np.zeros((2, 4, 4)))
+    with pytest.raises(DataError, match=r"missing \['y'\]"):
+        load_dataset(str(tmp_path / "nolabels.npz"))
+    (tmp_path / "bad-images-idx3-ubyte").write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(DataError, match="not an IDX file"):
+        read_idx(tmp_path / "bad-images-idx3-ubyte")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="exactly one"):
+        load_dataset(str(tmp_path / "empty"))
+
+
+def test_mismatched_lengths(tmp_path):
+    np.savez(tmp_path / "m.npz", x=np.zeros((5, 4, 4), np.uint8), y=np.zeros(4, np.int64))
+    with pytest.raises(DataError, match="5 images but 4 labels"):
+        load_dataset(str(tmp_path / "m.npz"))
+    _write_idx(tmp_path / "a-images-idx3-ubyte", np.zeros((3, 2, 2), np.uint8), gz=False)
+    _write_idx(tmp_path / "a-labels-idx1-ubyte", np.zeros(2, np.uint8), gz=False)
+    with pytest.raises(DataError, match="3 images but 2 labels"):
+        load_dataset(str(tmp_path / "a-images-idx3-ubyte"))
+    # a truncated file: the header promises more bytes than there are
+    raw = (tmp_path / "a-images-idx3-ubyte").read_bytes()
+    (tmp_path / "t-images-idx3-ubyte").write_bytes(raw[:-3])
+    with pytest.raises(DataError, match="header says shape"):
+        read_idx(tmp_path / "t-images-idx3-ubyte")
