@@ -1,0 +1,288 @@
+"""The per-input induced graph of Gebhart et al. (2019).
+
+Vertices are the units of the input and of every layer the structure reader knows; an edge u -> v joins
+consecutive layers and weighs
+
+    phi(u, v) = |w_{u->v} * h_u|,
+
+where h_u is the value of the source unit for this input and w_{u->v} the parameter that carries it:
+
+- Dense: the weight matrix entry; Conv: the kernel tap, following the real receptive field (stride,
+  padding, dilation, groups); a BatchNorm right after a Dense/Conv is folded into its weights;
+- MaxPool: only the arg-max input of each window has an edge (w = 1);
+- AveragePool: each input of the window, w = 1/k (k = cells counted by the op); GlobalAveragePool: w = 1/(H W);
+- residual Add: identity edges (w = 1) from both summands;
+- Flatten / Reshape / element-wise activations: no new layer, the units are the same.
+
+The edge *structure* (sources, targets, parameters) is computed once per model; per input only a gather
+and a multiply remain (plus the arg-max of each max-pool window), with no Python loop over edges.
+
+Oracle (tested): for every Dense/Conv unit v, sum_u w_{u->v} h_u = pre-activation(v) - bias(v), with
+ONNX Runtime's pre-activation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from detector.capture import Capture
+from detector.errors import ModelError
+from detector.reference_ops import conv_windows, pool_output_size
+from detector.structure import (
+    Activation,
+    AvgPool,
+    BatchNorm,
+    Conv,
+    Dense,
+    GlobalAvgPool,
+    MaxPool,
+    Op,
+    Reshape,
+    ResidualAdd,
+)
+
+__all__ = ["InducedGraph", "GraphEdges", "LayerPair"]
+
+
+@dataclass(frozen=True)
+class LayerPair:
+    """The edges that one op adds between two unit layers.
+
+    ``src`` / ``dst`` are local unit indices (C order inside each tensor); ``param`` the signed parameter w.
+    For a max-pool, ``windows`` (n_dst, k) holds each output's candidate inputs (-1 for padding) and the
+    edges are chosen per input.
+    """
+
+    name: str
+    kind: str
+    source_tensor: str
+    target_tensor: str
+    src_layer: int
+    dst_layer: int
+    src: np.ndarray
+    dst: np.ndarray
+    param: np.ndarray
+    bias: np.ndarray | None = None
+    windows: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class GraphEdges:
+    """One input's induced graph.
+
+    Attributes
+    ----------
+    n_vertices : int
+    edges : ndarray of shape (n_edges, 2), int64
+        Global vertex indices (source, target).
+    weights : ndarray of shape (n_edges,), float32
+        |w h| (or w h with ``signed=True``).
+    pair_ptr : ndarray of shape (n_pairs + 1,), int64
+        Edges of layer pair p are ``edges[pair_ptr[p]:pair_ptr[p + 1]]``.
+    """
+
+    n_vertices: int
+    edges: np.ndarray
+    weights: np.ndarray
+    pair_ptr: np.ndarray
+
+
+def _index_windows(shape: tuple[int, int, int], kernel: tuple[int, int], strides: tuple[int, int],
+                   pads: tuple[int, int, int, int], dilations: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
+    """Local input index of each window cell, shape (C, oH, oW, kH, kW); -1 marks padding."""
+    idx = np.arange(int(np.prod(shape)), dtype=np.float64).reshape(1, *shape)
+    return conv_windows(idx, kernel, strides, pads, dilations, -1.0, out_hw)[0].astype(np.int64)
+
+
+class InducedGraph:
+    """The static part of a classifier's induced graph; :meth:`edges` weighs it for one input.
+
+    Parameters
+    ----------
+    ops : list of Op
+        From :func:`detector.structure.extract_structure`, in graph order.
+    shapes : dict of str to tuple of int
+        Per-sample shape of every tensor the ops read or write (batch axis excluded).
+    input_name : str
+        The graph input (layer 0).
+    """
+
+    def __init__(self, ops: list[Op], shapes: dict[str, tuple[int, ...]], input_name: str):
+        self.input_name = input_name
+        self.layer_sizes: list[int] = [int(np.prod(shapes[input_name]))]
+        self.layer_names: list[str] = [input_name]
+        unit_of: dict[str, int] = {input_name: 0}
+        last_linear: dict[str, int] = {}  # tensor written by a Dense/Conv -> its pair index (for BN folding)
+        self.pairs: list[LayerPair] = []
+
+        def new_layer(name: str) -> int:
+            self.layer_sizes.append(int(np.prod(shapes[name])))
+            self.layer_names.append(name)
+            unit_of[name] = len(self.layer_sizes) - 1
+            return unit_of[name]
+
+        for op in ops:
+            if isinstance(op, (Activation, Reshape)):
+                if op.input in unit_of:
+                    unit_of[op.output] = unit_of[op.input]
+                continue
+            inputs = op.inputs if isinstance(op, ResidualAdd) else (op.input,)
+            missing = [t for t in inputs if t not in unit_of]
+            if missing:
+                raise ModelError(f"induced graph: op {op.node or type(op).__name__} reads {missing[0]!r}, which no known layer produces")
+            if isinstance(op, BatchNorm):
+                if op.input not in last_linear:
+                    raise ModelError(f"induced graph: BatchNormalization {op.node!r} must follow a Conv or Dense to be folded")
+                p = last_linear.pop(op.input)
+                self.pairs[p] = _fold_batchnorm(self.pairs[p], op, shapes[op.input])
+                unit_of[op.output] = unit_of[op.input]
+                last_linear[op.output] = p
+                continue
+            src_layer = unit_of[inputs[0]]
+            dst_layer = new_layer(op.output)
+            if isinstance(op, ResidualAdd):
+                for t in op.inputs:
+                    n = self.layer_sizes[unit_of[t]]
+                    ident = np.arange(n, dtype=np.int64)
+                    self.pairs.append(LayerPair(op.node or op.output, "add", t, op.output, unit_of[t], dst_layer, ident, ident,
+                                                np.ones(n, np.float32)))
+                continue
+            pair = _pair(op, shapes[op.input], shapes[op.output], src_layer, dst_layer)
+            self.pairs.append(pair)
+            if isinstance(op, (Dense, Conv)):
+                last_linear[op.output] = len(self.pairs) - 1
+        if len(self.pairs) == 0:
+            raise ModelError("induced graph: the model has no layer the structure reader can connect")
+        self.offsets = np.concatenate([[0], np.cumsum(self.layer_sizes)]).astype(np.int64)
+        self.n_vertices = int(self.offsets[-1])
+        self.required_tensors = list(dict.fromkeys(p.source_tensor for p in self.pairs if p.source_tensor != input_name))
+        self.n_static_edges = sum(len(p.src) for p in self.pairs)
+
+    @classmethod
+    def from_classifier(cls, clf: "object") -> "InducedGraph":
+        """Build from an :class:`~detector.model.OnnxClassifier` (its structure and tensor shapes)."""
+        shapes = {layer.name: layer.shape for layer in clf.layers()}  # type: ignore[attr-defined]
+        shapes[clf.input_name] = clf.input_shape  # type: ignore[attr-defined]
+        return cls(clf.structure(), shapes, clf.input_name)  # type: ignore[attr-defined]
+
+    @property
+    def pair_names(self) -> list[str]:
+        """One name per layer pair: ``source layer -> target layer``."""
+        return [f"{self.layer_names[p.src_layer]}->{self.layer_names[p.dst_layer]}" for p in self.pairs]
+
+    def _source_values(self, capture: Capture, i: int, tensor: str) -> np.ndarray:
+        if tensor == self.input_name:
+            return capture.inputs[i].reshape(-1)
+        if tensor not in capture.activations:
+            raise ModelError(f"induced graph needs tensor {tensor!r}: capture it (InducedGraph.required_tensors)")
+        return capture.activations[tensor][i].reshape(-1)
+
+    def edges(self, capture: Capture, i: int, top_q: float = 1.0, signed: bool = False) -> GraphEdges:
+        """The weighted induced graph of input ``i`` of ``capture``.
+
+        Parameters
+        ----------
+        capture : Capture
+            Must hold every tensor in :attr:`required_tensors`.
+        i : int
+            Row of the batch.
+        top_q : float in (0, 1]
+            Keep, per layer pair, the ceil(q m) strongest of its m edges (``numpy.argpartition``); 1 keeps all.
+        signed : bool
+            Return w h instead of |w h| (the oracle uses it).
+        """
+        if not 0.0 < top_q <= 1.0:
+            raise ValueError(f"top_q must be in (0, 1], got {top_q}")
+        srcs, dsts, ws, counts = [], [], [], []
+        for p in self.pairs:
+            h = self._source_values(capture, i, p.source_tensor)
+            if p.windows is not None:  # max-pool: the arg-max input of each window
+                padded = np.append(h, -np.inf)
+                cand = p.windows
+                choice = cand[np.arange(len(cand)), np.argmax(padded[cand], axis=1)]
+                src, dst, w = choice, p.dst, h[choice]
+            else:
+                src, dst, w = p.src, p.dst, p.param * h[p.src]
+            if not signed:
+                w = np.abs(w)
+            if top_q < 1.0 and len(w) > 1:
+                k = int(np.ceil(top_q * len(w)))
+                keep = np.argpartition(np.abs(w), len(w) - k)[len(w) - k :]
+                src, dst, w = src[keep], dst[keep], w[keep]
+            srcs.append(src + self.offsets[p.src_layer])
+            dsts.append(dst + self.offsets[p.dst_layer])
+            ws.append(w)
+            counts.append(len(w))
+        return GraphEdges(
+            n_vertices=self.n_vertices,
+            edges=np.stack([np.concatenate(srcs), np.concatenate(dsts)], axis=1),
+            weights=np.concatenate(ws).astype(np.float32),
+            pair_ptr=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+        )
+
+
+def _pair(op: Op, in_shape: tuple[int, ...], out_shape: tuple[int, ...], src_layer: int, dst_layer: int) -> LayerPair:
+    name, t = op.node or op.output, op.output  # type: ignore[union-attr]
+    if isinstance(op, Dense):
+        n_out, n_in = op.weight.shape
+        src = np.tile(np.arange(n_in, dtype=np.int64), n_out)
+        dst = np.repeat(np.arange(n_out, dtype=np.int64), n_in)
+        return LayerPair(name, "dense", op.input, t, src_layer, dst_layer, src, dst, op.weight.ravel().copy(), op.bias)
+    if isinstance(op, Conv):
+        c_in, h, w = in_shape
+        c_out, cg, kh, kw = op.weight.shape
+        oh, ow = out_shape[1:]
+        win = _index_windows((c_in, h, w), (kh, kw), op.strides, op.pads, op.dilations, (oh, ow))  # (Cin, oH, oW, kH, kW)
+        per_group = c_out // op.groups
+        groups = np.arange(c_out) // per_group
+        chans = groups[:, None] * cg + np.arange(cg)[None, :]  # (Cout, cg) input channels of each output channel
+        src = win[chans]  # (Cout, cg, oH, oW, kH, kW)
+        param = np.broadcast_to(op.weight[:, :, None, None, :, :], src.shape)
+        dst = np.broadcast_to(
+            (np.arange(c_out)[:, None, None] * oh * ow + np.arange(oh)[None, :, None] * ow + np.arange(ow)[None, None, :])
+            [:, None, :, :, None, None], src.shape)
+        valid = src >= 0
+        return LayerPair(name, "conv", op.input, t, src_layer, dst_layer, src[valid], dst[valid],
+                         param[valid].astype(np.float32), op.bias)
+    if isinstance(op, MaxPool):
+        c, h, w = in_shape
+        oh, ow = out_shape[1:]
+        win = _index_windows((c, h, w), op.kernel, op.strides, op.pads, op.dilations, (oh, ow))
+        windows = win.reshape(c * oh * ow, -1)
+        windows = np.where(windows < 0, c * h * w, windows)  # padding points at the appended -inf
+        dst = np.arange(c * oh * ow, dtype=np.int64)
+        return LayerPair(name, "maxpool", op.input, t, src_layer, dst_layer, dst, dst, np.ones(len(dst), np.float32),
+                         windows=windows)
+    if isinstance(op, AvgPool):
+        c, h, w = in_shape
+        oh, ow = out_shape[1:]
+        win = _index_windows((c, h, w), op.kernel, op.strides, op.pads, (1, 1), (oh, ow)).reshape(c * oh * ow, -1)
+        if op.count_include_pad:
+            # ONNX counts pad cells inside the explicit pads but not cells past them (ceil_mode overhang)
+            ones = np.pad(np.ones((1, 1, h, w)), ((0, 0), (0, 0), op.pads[0:3:2], op.pads[1:4:2]), constant_values=1.0)
+            k = conv_windows(ones, op.kernel, op.strides, (0, 0, 0, 0), (1, 1), 0.0, (oh, ow))[0].sum(axis=(3, 4))
+            k = np.broadcast_to(k, (c, oh, ow)).reshape(-1)
+        else:
+            k = (win >= 0).sum(axis=1)
+        dst = np.broadcast_to(np.arange(c * oh * ow)[:, None], win.shape)
+        param = np.broadcast_to((1.0 / k)[:, None], win.shape)
+        valid = win >= 0
+        return LayerPair(name, "avgpool", op.input, t, src_layer, dst_layer, win[valid], dst[valid],
+                         param[valid].astype(np.float32))
+    if isinstance(op, GlobalAvgPool):
+        c, h, w = in_shape
+        src = np.arange(c * h * w, dtype=np.int64)
+        return LayerPair(name, "globalavgpool", op.input, t, src_layer, dst_layer, src, src // (h * w),
+                         np.full(len(src), 1.0 / (h * w), np.float32))
+    raise ModelError(f"induced graph: op {type(op).__name__} is not supported")
+
+
+def _fold_batchnorm(pair: LayerPair, bn: BatchNorm, shape: tuple[int, ...]) -> LayerPair:
+    """Scale a Dense/Conv pair's parameters and bias by a following BatchNorm (per output channel)."""
+    per_channel = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    channel = pair.dst // per_channel
+    assert pair.bias is not None
+    return LayerPair(pair.name, pair.kind, pair.source_tensor, bn.output, pair.src_layer, pair.dst_layer, pair.src, pair.dst,
+                     (pair.param * bn.scale[channel]).astype(np.float32), pair.bias * bn.scale + bn.shift)

@@ -1,0 +1,123 @@
+"""Induced graph oracle: incoming signed products sum to ORT's output of every layer (minus bias)."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from detector import OnnxClassifier
+from detector.induced_graph import InducedGraph
+
+
+class StridedNet(nn.Module):
+    """Stride-2 padded conv + folded BN, dilated grouped conv in a residual block, max/avg/global pools."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 6, 3, stride=2, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=3)
+        self.pool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(6, 8, (2, 3), stride=(1, 2), padding=(1, 0))
+        self.avg = nn.AvgPool2d(2, stride=1, padding=1, count_include_pad=False)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.c1(x)))
+        h = h + torch.relu(self.c2(h))
+        h = self.avg(torch.relu(self.c3(self.pool(h))))
+        return self.fc(h.mean(dim=(2, 3), keepdim=True).flatten(1))
+
+
+def _export(model: nn.Module, path, shape) -> None:
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model.eval(), (torch.rand(2, *shape),), buf, dynamo=False, opset_version=17,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    path.write_bytes(buf.getvalue())
+
+
+def _capture_for(clf: OnnxClassifier, graph: InducedGraph, x: np.ndarray):
+    every = [layer.name for layer in clf.layers() if layer.name != clf.output_name]
+    clf.set_capture(every)
+    capture = clf.run(x)
+    return capture, {clf.input_name: capture.inputs, **capture.activations, clf.output_name: capture.logits}
+
+
+def _assert_oracle(clf: OnnxClassifier, x: np.ndarray) -> InducedGraph:
+    graph = InducedGraph.from_classifier(clf)
+    capture, values = _capture_for(clf, graph, x)
+    for i in range(len(x)):
+        g = graph.edges(capture, i, signed=True)
+        for p, pair in enumerate(graph.pairs):
+            lo, hi = g.pair_ptr[p], g.pair_ptr[p + 1]
+            dst_local = g.edges[lo:hi, 1] - graph.offsets[pair.dst_layer]
+            sums = np.bincount(dst_local, weights=g.weights[lo:hi].astype(np.float64),
+                               minlength=graph.layer_sizes[pair.dst_layer])
+            target = values[pair.target_tensor][i].reshape(-1).astype(np.float64)
+            if pair.kind == "add":  # both summands' identity edges together make the sum
+                continue
+            if pair.bias is not None:
+                channel = np.arange(len(target)) // (len(target) // len(pair.bias))
+                target = target - pair.bias[channel]
+            np.testing.assert_allclose(sums, target, atol=2e-5, rtol=1e-4, err_msg=f"{pair.kind} {pair.name}")
+        adds = [p for p, pair in enumerate(graph.pairs) if pair.kind == "add"]
+        for a, b in zip(adds[::2], adds[1::2]):
+            total = np.zeros(graph.layer_sizes[graph.pairs[a].dst_layer])
+            for p in (a, b):
+                lo, hi = g.pair_ptr[p], g.pair_ptr[p + 1]
+                np.add.at(total, g.edges[lo:hi, 1] - graph.offsets[graph.pairs[p].dst_layer], g.weights[lo:hi])
+            np.testing.assert_allclose(total, values[graph.pairs[a].target_tensor][i].reshape(-1), atol=2e-5, rtol=1e-4)
+    return graph
+
+
+def test_oracle_on_strided_padded_dilated_grouped_residual_model(tmp_path):
+    torch.manual_seed(0)
+    model = StridedNet()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.3, 0.3)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "strided.onnx"
+    _export(model, path, (1, 11, 11))
+    x = np.random.default_rng(1).random((3, 1, 11, 11), dtype=np.float32)
+    graph = _assert_oracle(OnnxClassifier(path), x)
+    kinds = [p.kind for p in graph.pairs]
+    assert kinds.count("conv") == 3 and {"maxpool", "avgpool", "globalavgpool", "add", "dense"} <= set(kinds)
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn"])
+def test_oracle_on_demo_models(demo_models, digits_split_arrays, name):
+    _assert_oracle(OnnxClassifier(demo_models / f"{name}.onnx"), digits_split_arrays["x_test"][:5])
+
+
+def test_edge_counts_and_weights(demo_models, digits_split_arrays):
+    clf = OnnxClassifier(demo_models / "digits_cnn.onnx")
+    graph = InducedGraph.from_classifier(clf)
+    clf.set_capture(clf.default_capture() + graph.required_tensors)
+    capture = clf.run(digits_split_arrays["x_test"][:2])
+    g = graph.edges(capture, 0)
+    # conv1 8x8 pad 1: 16 * sum over outputs of in-bounds taps = 16 * (6*6*9 + 4*6*6 + 4*4) ; pool: one per output
+    conv1 = 16 * (36 * 9 + 24 * 6 + 4 * 4)
+    assert g.pair_ptr[1] - g.pair_ptr[0] == conv1
+    assert g.pair_ptr[2] - g.pair_ptr[1] == 16 * 4 * 4
+    assert g.n_vertices == 64 + 1024 + 256 + 512 + 128 + 64 + 10
+    assert (g.weights >= 0).all() and g.weights.dtype == np.float32
+    # max-pool edges carry the pooled value itself: their weights are the pool output
+    lo, hi = g.pair_ptr[1], g.pair_ptr[2]
+    pooled = capture.activations[graph.pairs[2].source_tensor][0].reshape(-1)
+    np.testing.assert_allclose(np.sort(g.weights[lo:hi]), np.sort(pooled), atol=1e-6)
+    # top-q keeps the strongest ceil(q m) edges of every pair
+    sparse = graph.edges(capture, 0, top_q=0.1)
+    for p in range(len(graph.pairs)):
+        m = g.pair_ptr[p + 1] - g.pair_ptr[p]
+        kept = np.sort(sparse.weights[sparse.pair_ptr[p]:sparse.pair_ptr[p + 1]])
+        assert len(kept) == int(np.ceil(0.1 * m))
+        full = np.sort(g.weights[g.pair_ptr[p]:g.pair_ptr[p + 1]])
+        np.testing.assert_array_equal(kept, full[len(full) - len(kept):])
