@@ -159,6 +159,12 @@ class InducedGraph:
         self.n_vertices = int(self.offsets[-1])
         self.required_tensors = list(dict.fromkeys(p.source_tensor for p in self.pairs if p.source_tensor != input_name))
         self.n_static_edges = sum(len(p.src) for p in self.pairs)
+        # The edge list is static but for the max-pool sources, which edges() fills in per input.
+        self._static_edges = np.concatenate([
+            np.stack([p.src + self.offsets[p.src_layer], p.dst + self.offsets[p.dst_layer]], axis=1) for p in self.pairs
+        ]).astype(np.int64)
+        self._static_ptr = np.concatenate([[0], np.cumsum([len(p.src) for p in self.pairs])]).astype(np.int64)
+        self._has_maxpool = any(p.windows is not None for p in self.pairs)
 
     @classmethod
     def from_classifier(cls, clf: "object") -> "InducedGraph":
@@ -195,32 +201,32 @@ class InducedGraph:
         """
         if not 0.0 < top_q <= 1.0:
             raise ValueError(f"top_q must be in (0, 1], got {top_q}")
-        srcs, dsts, ws, counts = [], [], [], []
-        for p in self.pairs:
-            h = self._source_values(capture, i, p.source_tensor)
-            if p.windows is not None:  # max-pool: the arg-max input of each window
+        edges = self._static_edges.copy() if self._has_maxpool else self._static_edges
+        weights = np.empty(len(edges), np.float32)
+        ptr = self._static_ptr
+        for p, pair in enumerate(self.pairs):
+            h = self._source_values(capture, i, pair.source_tensor)
+            lo, hi = ptr[p], ptr[p + 1]
+            if pair.windows is not None:  # max-pool: the arg-max input of each window
                 padded = np.append(h, -np.inf)
-                cand = p.windows
+                cand = pair.windows
                 choice = cand[np.arange(len(cand)), np.argmax(padded[cand], axis=1)]
-                src, dst, w = choice, p.dst, h[choice]
+                edges[lo:hi, 0] = choice + self.offsets[pair.src_layer]
+                weights[lo:hi] = h[choice]
             else:
-                src, dst, w = p.src, p.dst, p.param * h[p.src]
-            if not signed:
-                w = np.abs(w)
-            if top_q < 1.0 and len(w) > 1:
-                k = int(np.ceil(top_q * len(w)))
-                keep = np.argpartition(np.abs(w), len(w) - k)[len(w) - k :]
-                src, dst, w = src[keep], dst[keep], w[keep]
-            srcs.append(src + self.offsets[p.src_layer])
-            dsts.append(dst + self.offsets[p.dst_layer])
-            ws.append(w)
-            counts.append(len(w))
-        return GraphEdges(
-            n_vertices=self.n_vertices,
-            edges=np.stack([np.concatenate(srcs), np.concatenate(dsts)], axis=1),
-            weights=np.concatenate(ws).astype(np.float32),
-            pair_ptr=np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
-        )
+                np.multiply(pair.param, h[pair.src], out=weights[lo:hi], casting="unsafe")
+        if not signed:
+            np.abs(weights, out=weights)
+        if top_q < 1.0:
+            keep = []
+            for p in range(len(self.pairs)):
+                lo, hi = int(ptr[p]), int(ptr[p + 1])
+                k = int(np.ceil(top_q * (hi - lo)))
+                keep.append(lo + np.argpartition(np.abs(weights[lo:hi]), hi - lo - k)[hi - lo - k :])
+            counts = [len(k) for k in keep]
+            sel = np.concatenate(keep)
+            return GraphEdges(self.n_vertices, edges[sel], weights[sel], np.concatenate([[0], np.cumsum(counts)]))
+        return GraphEdges(self.n_vertices, edges, weights, ptr)
 
 
 def _pair(op: Op, in_shape: tuple[int, ...], out_shape: tuple[int, ...], src_layer: int, dst_layer: int) -> LayerPair:

@@ -16,14 +16,30 @@ artifact never needs pickle.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from detector.capture import Capture
 from detector.errors import NotReady
 
-__all__ = ["Scorer"]
+if TYPE_CHECKING:
+    from detector.model import OnnxClassifier
+
+__all__ = ["Scorer", "ScorerContext"]
+
+
+@dataclass
+class ScorerContext:
+    """What scorers loaded from one baseline share: the classifier, and objects built once for all.
+
+    ``shared`` lets two scorers that read the same derived data (the induced graph's features) build it
+    once: the first to load stores it under a key, the next finds it there.
+    """
+
+    model: "OnnxClassifier"
+    shared: dict[Any, Any] = field(default_factory=dict)
 
 
 class Scorer(ABC):
@@ -53,8 +69,16 @@ class Scorer(ABC):
 
     @classmethod
     @abstractmethod
-    def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray]) -> "Scorer":
-        """Rebuild a fitted scorer from :meth:`get_state`'s output without executing stored code."""
+    def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray],
+                   context: ScorerContext | None = None) -> "Scorer":
+        """Rebuild a fitted scorer from :meth:`get_state`'s output without executing stored code.
+
+        ``context`` carries the classifier for scorers whose state depends on its structure.
+        """
+
+    def required_tensors(self) -> list[str]:
+        """Tensors the scorer reads beyond the classifier's default capture (none by default)."""
+        return []
 
     def _check_fitted(self, attribute: str) -> None:
         if not hasattr(self, attribute):

@@ -1,0 +1,314 @@
+"""H0 persistence of weighted graphs: closed forms, the fast path against ripser, features."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import connected_components
+
+from detector import persistence
+from detector.errors import InvalidInput
+from detector.persistence import (
+    DEFAULT_QUANTILES,
+    H0Diagram,
+    h0_feature_names,
+    h0_features,
+    h0_persistence,
+    h0_persistence_ripser,
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# graph generators
+
+
+def random_graph(rng: np.random.Generator, kind: str) -> tuple[int, np.ndarray, np.ndarray]:
+    """A random weighted graph of one of several awkward kinds (ties, zeros, blocks, loops...)."""
+    n = int(rng.integers(1, 60))
+    m = int(rng.integers(0, 4 * n + 2))
+    edges = rng.integers(0, n, size=(m, 2))
+    if kind == "continuous":
+        weights = rng.exponential(size=m)
+    elif kind == "ties":
+        weights = rng.integers(1, 4, size=m).astype(np.float64)  # three distinct values
+    elif kind == "zeros":
+        weights = rng.random(m) * (rng.random(m) < 0.5)
+    elif kind == "blocks":  # two (or more) disconnected blocks plus isolated vertices
+        cut = max(1, n // 2)
+        side = rng.random(m) < 0.5
+        edges = np.where(side[:, None], edges % cut, cut + edges % max(1, n - cut))
+        edges = np.minimum(edges, n - 1)
+        weights = np.round(rng.random(m), 1)
+    elif kind == "loops_and_parallel":
+        edges = np.concatenate([edges, edges[: m // 3], np.repeat(edges[: m // 4, :1], 2, axis=1)])
+        weights = rng.integers(0, 3, size=edges.shape[0]).astype(np.float64)
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    return n, edges.astype(np.int64), weights
+
+
+def layered_graph(
+    rng: np.random.Generator, sizes: list[int], dead: float
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """A Gebhart-style induced graph: complete bipartite between layers, weight |w h|, dead units."""
+    offsets = np.cumsum([0] + sizes)
+    edges, weights = [], []
+    for layer in range(len(sizes) - 1):
+        h = np.abs(rng.standard_normal(sizes[layer])) * (rng.random(sizes[layer]) > dead)
+        w = rng.standard_normal((sizes[layer], sizes[layer + 1]))
+        u, v = np.meshgrid(np.arange(sizes[layer]), np.arange(sizes[layer + 1]), indexing="ij")
+        edges.append(np.stack([u.ravel() + offsets[layer], v.ravel() + offsets[layer + 1]], axis=1))
+        # float32 weights, as an ONNX model produces them
+        weights.append(np.abs(w * h[:, None]).astype(np.float32).astype(np.float64).ravel())
+    return int(offsets[-1]), np.concatenate(edges), np.concatenate(weights)
+
+
+def assert_valid_forest(n: int, edges: np.ndarray, weights: np.ndarray, diagram: H0Diagram) -> None:
+    """merge_edges/merge_index/deaths agree, form a forest, and span the non-zero graph's components."""
+    k = diagram.n_merges
+    assert diagram.merge_index.shape == (k,) and diagram.merge_edges.shape == (k, 2)
+    np.testing.assert_array_equal(diagram.deaths, weights[diagram.merge_index])
+    np.testing.assert_array_equal(diagram.merge_edges, edges[diagram.merge_index])
+    assert np.all(np.diff(diagram.deaths) <= 0), "deaths must be in descending order"
+    assert np.all(diagram.deaths > 0)
+    forest = csr_matrix((np.ones(k), (diagram.merge_edges[:, 0], diagram.merge_edges[:, 1])), shape=(n, n))
+    n_forest, forest_labels = connected_components(forest, directed=False)
+    assert n_forest == n - k, "merge edges contain a cycle"
+    positive = weights > 0
+    full = csr_matrix(
+        (np.ones(int(positive.sum())), (edges[positive, 0], edges[positive, 1])), shape=(n, n)
+    )
+    n_full, _ = connected_components(full, directed=False)
+    assert diagram.n_components == n_full == n_forest
+    # every non-zero edge lies inside one tree of the forest
+    np.testing.assert_array_equal(forest_labels[edges[positive, 0]], forest_labels[edges[positive, 1]])
+
+
+# --------------------------------------------------------------------------------------------------
+# closed forms
+
+
+def test_hand_made_graph_gives_maximum_spanning_forest_weights() -> None:
+    # triangle 0-1-2 with weights 3, 1, 2; an edge 3-4 of weight 5; vertex 5 isolated;
+    # a zero-weight edge 4-5 that must count as absent.
+    edges = np.array([[0, 1], [1, 2], [0, 2], [3, 4], [4, 5]])
+    weights = np.array([3.0, 1.0, 2.0, 5.0, 0.0])
+    for compute in (h0_persistence, h0_persistence_ripser):
+        diagram = compute(6, edges, weights)
+        np.testing.assert_array_equal(diagram.deaths, [5.0, 3.0, 2.0])
+        assert diagram.n_components == 3  # {0,1,2}, {3,4}, {5}
+        assert diagram.n_vertices == 6
+    fast = h0_persistence(6, edges, weights)
+    np.testing.assert_array_equal(fast.merge_index, [3, 0, 2])
+    np.testing.assert_array_equal(fast.merge_edges, [[3, 4], [0, 1], [0, 2]])
+
+
+def test_graph_without_nonzero_edges_has_only_essential_bars() -> None:
+    edges = np.array([[0, 1], [1, 2]])
+    for compute in (h0_persistence, h0_persistence_ripser):
+        diagram = compute(4, edges, np.zeros(2))
+        assert diagram.n_merges == 0 and diagram.n_components == 4
+        empty = compute(1, np.zeros((0, 2), dtype=np.int64), np.zeros(0))
+        assert empty.n_merges == 0 and empty.n_components == 1
+
+
+def test_parallel_edges_act_through_the_heaviest_and_loops_never_merge() -> None:
+    edges = np.array([[0, 1], [1, 0], [0, 1], [1, 1], [1, 2]])
+    weights = np.array([1.0, 7.0, 2.0, 9.0, 4.0])
+    for compute in (h0_persistence, h0_persistence_ripser):
+        np.testing.assert_array_equal(compute(3, edges, weights).deaths, [7.0, 4.0])
+    np.testing.assert_array_equal(h0_persistence(3, edges, weights).merge_edges, [[1, 0], [1, 2]])
+
+
+def test_diagram_is_immutable_without_freezing_the_callers_arrays() -> None:
+    diagram = h0_persistence(3, np.array([[0, 1], [1, 2]]), np.array([1.0, 2.0]))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        diagram.n_components = 0  # type: ignore[misc]
+    with pytest.raises(ValueError):
+        diagram.deaths[0] = 10.0
+    deaths = np.array([2.0, 1.0])
+    H0Diagram(deaths=deaths, merge_edges=None, n_vertices=3, n_components=1)
+    deaths[0] = 3.0  # still writable
+
+
+# --------------------------------------------------------------------------------------------------
+# fast path == ripser
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "zeros", "blocks", "loops_and_parallel"])
+def test_fast_path_matches_ripser_on_random_graphs(kind: str) -> None:
+    rng = np.random.default_rng(sum(map(ord, kind)))
+    for _ in range(40):
+        n, edges, weights = random_graph(rng, kind)
+        fast = h0_persistence(n, edges, weights)
+        reference = h0_persistence_ripser(n, edges, weights)
+        # Multisets of death weights, compared in float32 as the brief asks; the rank map of the
+        # reference is exact, so they are in fact equal in float64 too.
+        np.testing.assert_array_equal(fast.deaths.astype(np.float32), reference.deaths.astype(np.float32))
+        np.testing.assert_array_equal(fast.deaths, reference.deaths)
+        assert fast.n_components == reference.n_components
+        assert_valid_forest(n, edges, weights, fast)
+
+
+@pytest.mark.parametrize(
+    ("seed", "n", "m", "levels", "zero_fraction"),
+    [(0, 300, 20_000, 0, 0.0), (1, 300, 20_000, 5, 0.3), (2, 1_000, 30_000, 50, 0.1)],
+)
+def test_filter_path_matches_ripser_on_large_graphs(
+    seed: int, n: int, m: int, levels: int, zero_fraction: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(seed)
+    edges = rng.integers(0, n, size=(m, 2))
+    weights = rng.integers(1, levels + 1, size=m).astype(np.float64) if levels else rng.random(m)
+    weights[rng.random(m) < zero_fraction] = 0.0
+    batch_sizes: list[int] = []
+    original = persistence._kruskal
+    monkeypatch.setattr(persistence, "_kruskal", lambda *a: batch_sizes.append(len(a[3])) or original(*a))
+    fast = h0_persistence(n, edges, weights)
+    # the graph is large enough that the first batch is filtered (a fraction of the edges)
+    assert batch_sizes[0] < np.count_nonzero(weights) / 2
+    reference = h0_persistence_ripser(n, edges, weights)
+    np.testing.assert_array_equal(fast.deaths, reference.deaths)
+    assert fast.n_components == reference.n_components
+    assert_valid_forest(n, edges, weights, fast)
+
+
+def test_filter_path_matches_ripser_on_layered_induced_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dead units leave many vertices isolated and the strongest edges cluster on a few hubs, which
+    # needs several filtering rounds (with component labels of scipy's int32 type).
+    rng = np.random.default_rng(0)
+    n, edges, weights = layered_graph(rng, [64, 256, 256, 10], dead=0.5)
+    calls = []
+    original = persistence._kruskal
+    monkeypatch.setattr(persistence, "_kruskal", lambda *a: calls.append(1) or original(*a))
+    fast = h0_persistence(n, edges, weights)
+    assert len(calls) >= 3
+    reference = h0_persistence_ripser(n, edges, weights)
+    np.testing.assert_array_equal(fast.deaths, reference.deaths)
+    assert fast.n_components == reference.n_components > 1
+    assert_valid_forest(n, edges, weights, fast)
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+
+
+@pytest.mark.parametrize(
+    ("n", "edges", "weights", "match"),
+    [
+        (0, np.zeros((0, 2), dtype=np.int64), np.zeros(0), "n_vertices must be >= 1"),
+        (2.0, np.array([[0, 1]]), np.array([1.0]), "n_vertices must be an int"),
+        (3, np.array([0, 1]), np.array([1.0]), r"edges must have shape \(m, 2\)"),
+        (3, np.array([[0.0, 1.0]]), np.array([1.0]), "integer vertex ids"),
+        (3, np.array([[0, 3]]), np.array([1.0]), r"\[0, 3\)"),
+        (3, np.array([[-1, 2]]), np.array([1.0]), r"\[0, 3\)"),
+        (3, np.array([[0, 1]]), np.array([1.0, 2.0]), r"shape \(1,\)"),
+        (3, np.array([[0, 1]]), np.array([-1.0]), ">= 0"),
+        (3, np.array([[0, 1]]), np.array([np.nan]), "finite"),
+        (3, np.array([[0, 1]]), np.array([np.inf]), "finite"),
+    ],
+)
+def test_malformed_graphs_are_rejected(n, edges, weights, match: str) -> None:
+    for compute in (h0_persistence, h0_persistence_ripser):
+        with pytest.raises(InvalidInput, match=match):
+            compute(n, edges, weights)
+
+
+# --------------------------------------------------------------------------------------------------
+# features
+
+
+def test_features_follow_their_definitions() -> None:
+    diagram = H0Diagram(
+        deaths=np.array([4.0, 3.0, 2.0, 1.0]), merge_edges=None, n_vertices=8, n_components=4
+    )
+    features = h0_features(diagram, quantiles=(0.0, 0.5, 1.0), p=2.0)
+    names = h0_feature_names(quantiles=(0.0, 0.5, 1.0), p=2.0)
+    assert names == [
+        "h0_death_q0",
+        "h0_death_q50",
+        "h0_death_q100",
+        "h0_total_persistence_p2",
+        "h0_persistent_entropy",
+        "h0_merged_fraction",
+    ]
+    share = np.array([4.0, 3.0, 2.0, 1.0]) / 10.0
+    expected = [1.0, 2.5, 4.0, np.sqrt(30.0), -(share * np.log(share)).sum() / np.log(4), 0.5]
+    np.testing.assert_allclose(features, expected, rtol=1e-12)
+    # p = 1 is the weight of the maximum spanning forest, p = inf its largest edge
+    assert h0_features(diagram, p=1.0)[-3] == pytest.approx(10.0)
+    assert h0_features(diagram, p=np.inf)[-3] == pytest.approx(4.0)
+    assert h0_feature_names(p=np.inf)[-3] == "h0_total_persistence_pinf"
+    # equal deaths spread the strength evenly: entropy 1
+    even = H0Diagram(deaths=np.full(5, 0.7), merge_edges=None, n_vertices=6, n_components=1)
+    assert h0_features(even)[-2] == pytest.approx(1.0)
+
+
+def test_features_scale_with_weights_except_entropy() -> None:
+    rng = np.random.default_rng(3)
+    n, edges, weights = layered_graph(rng, [30, 20, 10], dead=0.3)
+    base = h0_features(h0_persistence(n, edges, weights))
+    doubled = h0_features(h0_persistence(n, edges, 2.0 * weights))
+    q = len(DEFAULT_QUANTILES)
+    np.testing.assert_allclose(doubled[: q + 1], 2.0 * base[: q + 1], rtol=1e-12)
+    np.testing.assert_allclose(doubled[q + 1 :], base[q + 1 :], rtol=1e-12)
+    assert base.shape == (len(h0_feature_names()),)
+    assert np.all(np.isfinite(base)) and 0.0 < base[-2] < 1.0
+
+
+def test_empty_and_single_bar_diagrams_are_padded_not_nan() -> None:
+    empty = h0_persistence(3, np.array([[0, 1]]), np.array([0.0]))
+    features = h0_features(empty)
+    np.testing.assert_array_equal(features, np.zeros(len(DEFAULT_QUANTILES) + 3))
+    single = h0_features(h0_persistence(3, np.array([[0, 1]]), np.array([2.5])))
+    assert np.all(np.isfinite(single))
+    assert single[-2] == 0.0 and single[-1] == pytest.approx(1 / 3) and single[0] == 2.5
+
+
+def test_feature_arguments_are_validated() -> None:
+    diagram = h0_persistence(2, np.array([[0, 1]]), np.array([1.0]))
+    with pytest.raises(InvalidInput, match="quantiles"):
+        h0_features(diagram, quantiles=(0.5, 1.5))
+    with pytest.raises(InvalidInput, match="p must be >= 1"):
+        h0_features(diagram, p=0.5)
+    with pytest.raises(InvalidInput, match="H0Diagram"):
+        h0_features(np.array([1.0]))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("pack_limit", [2**62, 0])  # 0 forces the lexsort branch of huge graphs
+def test_kruskal_core_handles_int32_labels_of_large_contractions(
+    pack_limit: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(persistence, "_PACK_LIMIT", pack_limit)
+    # After a contraction, scipy hands back int32 component labels; packing (pair, rank) into one
+    # integer must not overflow for n_labels**2 * n_edges >> 2**31.
+    rng = np.random.default_rng(11)
+    n_labels, k = 5_000, 3_000
+    a = rng.integers(0, n_labels, size=k).astype(np.int32)
+    b = rng.integers(0, n_labels, size=k).astype(np.int32)
+    w = rng.integers(1, 20, size=k).astype(np.float64)
+    chosen = persistence._kruskal(n_labels, a, b, w, None)
+    edges = np.stack([a, b], axis=1).astype(np.int64)
+    reference = h0_persistence_ripser(n_labels, edges, w)
+    np.testing.assert_array_equal(np.sort(w[chosen])[::-1], reference.deaths)
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn"])
+def test_fast_path_matches_ripser_on_real_induced_graphs(demo_models, digits_split_arrays, name: str) -> None:
+    from detector.induced_graph import InducedGraph
+    from detector.model import OnnxClassifier
+
+    structure = InducedGraph.from_classifier(OnnxClassifier(demo_models / f"{name}.onnx"))
+    classifier = OnnxClassifier(demo_models / f"{name}.onnx", capture=structure.required_tensors)
+    graph = InducedGraph.from_classifier(classifier)
+    capture = classifier.run(digits_split_arrays["x_test"][:8])
+    for i in range(len(capture)):
+        g = graph.edges(capture, i)
+        fast = h0_persistence(g.n_vertices, g.edges, g.weights)
+        reference = h0_persistence_ripser(g.n_vertices, g.edges, g.weights)
+        np.testing.assert_array_equal(fast.deaths.astype(np.float32), reference.deaths.astype(np.float32))
+        assert fast.n_components == reference.n_components
+        assert_valid_forest(g.n_vertices, g.edges, g.weights.astype(np.float64), fast)
