@@ -119,9 +119,9 @@ def _as_images(x: np.ndarray, source: str) -> np.ndarray:
     return x.astype(np.float32)
 
 
-def _pair(x: np.ndarray, y: np.ndarray, source: str) -> Dataset:
+def _pair(x: np.ndarray, y: np.ndarray | None, source: str) -> Dataset:
     x = _as_images(np.asarray(x), source)
-    y = np.asarray(y)
+    y = np.full(len(x), -1, np.int64) if y is None else np.asarray(y)
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise DataError(f"{source}: labels must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
     if len(x) != len(y):
@@ -142,8 +142,10 @@ def _idx_label_file(images: Path) -> Path:
     raise DataError(f"no labels file for {images}: expected {candidates[0]}")
 
 
-def load_dataset(spec: str) -> Dataset:
+def load_dataset(spec: str, require_labels: bool = True) -> Dataset:
     """Read a data set named by ``spec`` (see the module docstring for the forms it takes).
+
+    With ``require_labels=False`` a ``.npz`` file may hold ``x`` alone; its labels are then -1 (unknown).
 
     Raises
     ------
@@ -175,10 +177,10 @@ def load_dataset(spec: str) -> Dataset:
     if path.suffix == ".npz":
         try:
             with np.load(path, allow_pickle=False) as npz:
-                missing = {"x", "y"} - set(npz.files)
+                missing = ({"x", "y"} if require_labels else {"x"}) - set(npz.files)
                 if missing:
                     raise DataError(f"{path}: a .npz data file needs arrays 'x' and 'y'; missing {sorted(missing)}")
-                return _pair(npz["x"], npz["y"], str(path))
+                return _pair(npz["x"], npz["y"] if "y" in npz.files else None, str(path))
         except DataError:
             raise
         except Exception as exc:  # zipfile.BadZipFile, ValueError for object arrays, ...

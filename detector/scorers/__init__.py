@@ -1,5 +1,16 @@
 """Scorers: each turns a :class:`~detector.capture.Capture` into suspicion scores (higher = more suspicious)."""
 
 from detector.scorers.base import Scorer, ScorerContext
+from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScorer, NonzeroPixelsScorer
+from detector.scorers.topology import BettiDensityScorer, InducedPersistenceScorer
 
-__all__ = ["Scorer", "ScorerContext"]
+__all__ = [
+    "BettiDensityScorer",
+    "InducedPersistenceScorer",
+    "KNNScorer",
+    "MahalanobisScorer",
+    "MaxSoftmaxScorer",
+    "NonzeroPixelsScorer",
+    "Scorer",
+    "ScorerContext",
+]

@@ -1,0 +1,300 @@
+"""Conformal p-values for suspicion scores, their fusion, and thresholds at a target false-positive rate.
+
+Every scorer speaks its own units (a distance, a probability, a pixel count). Calibration turns each score
+into a conformal p-value against clean held-out data, fuses the p-values of all scorers into one statistic,
+and calibrates that statistic too, so that a threshold means a false-positive rate on clean traffic. No
+attack data is needed anywhere.
+
+Recommended use of the clean held-out set (after the scorers were fitted on a separate fit split)::
+
+    ref, thr = split_held_out(predicted, fraction=0.5, seed=0)      # stratified by predicted class
+    cal = {name: ConformalCalibrator().fit(s[ref], predicted[ref], n_classes) for name, s in held_out.items()}
+    p_thr = np.column_stack([cal[n].p_values(held_out[n][thr], predicted[thr]) for n in names])
+    fusion = Fusion("fisher")
+    threshold = fusion.fit_threshold(fusion.combine(p_thr), fpr=0.01)
+    # serving: flag = fusion.combine(p_live) > threshold
+
+The second part must be disjoint from the first: a p-value of a reference point against its own reference
+set is not uniform (it is ranked among a set that contains itself), so a threshold set on those p-values
+would be miscalibrated. :func:`split_held_out` does the split deterministically. The price is resolution:
+on the digits (539 calibration inputs) each half holds ~27 inputs per class, so with the default
+``min_class_count=50`` every class is ranked against the global references (p >= 1/271).
+
+References
+----------
+Vovk, Gammerman & Shafer, *Algorithmic Learning in a Random World* (2005): conformal p-values.
+Bates, Candes, Lei, Romano & Sesia, "Testing for outliers with conformal p-values", Ann. Statist. (2023).
+Fisher, *Statistical Methods for Research Workers* (1925): combining independent p-values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from detector.errors import InvalidInput, NotReady
+
+__all__ = ["ConformalCalibrator", "Fusion", "split_held_out", "FUSION_METHODS"]
+
+#: Fusion rules understood by :class:`Fusion`.
+FUSION_METHODS = ("fisher", "min", "harmonic")
+
+
+def _as_classes(classes: np.ndarray, n: int, n_classes: int) -> np.ndarray:
+    classes = np.asarray(classes)
+    if classes.shape != (n,):
+        raise InvalidInput(f"expected classes of shape ({n},) matching the scores, got shape {classes.shape}")
+    if classes.dtype.kind not in "iu":
+        raise InvalidInput(f"classes must be integers, got dtype {classes.dtype}")
+    if n and (classes.min() < 0 or classes.max() >= n_classes):
+        raise InvalidInput(f"classes must lie in [0, {n_classes - 1}], got values in [{classes.min()}, {classes.max()}]")
+    return classes.astype(np.int64)
+
+
+def _as_scores(scores: np.ndarray, allow_inf: bool) -> np.ndarray:
+    s = np.asarray(scores, dtype=np.float64)
+    if s.ndim != 1:
+        raise InvalidInput(f"expected scores of shape (n_samples,), got shape {s.shape}")
+    bad = np.isnan(s) if allow_inf else ~np.isfinite(s)
+    if bad.any():
+        raise InvalidInput(f"scores must be {'not NaN' if allow_inf else 'finite'}: {int(bad.sum())} of {len(s)} are not")
+    return s
+
+
+class ConformalCalibrator:
+    """Conformal p-values of one score against clean held-out references, class-conditional where possible.
+
+    Parameters
+    ----------
+    min_class_count : int, default 50
+        A class with at least this many references is calibrated against its own references (Mondrian /
+        class-conditional conformal prediction); smaller classes use the global references. With n
+        references the smallest p-value is 1/(n+1), so 50 per class allows p down to ~0.02.
+
+    Notes
+    -----
+    For a score s of an input whose (predicted) class is c, with R the sorted references of c (or the
+    global ones),
+
+        p(s) = (1 + #{r in R : r >= s}) / (|R| + 1),         p in [1/(|R|+1), 1].
+
+    Higher scores give smaller p-values (p is non-increasing in s). If the reference scores and the new
+    clean input's score are exchangeable (same distribution, independent of the fit data), then for every
+    a in [0, 1], P(p <= a) <= floor(a (|R|+1)) / (|R|+1) <= a; ties only make p larger. Class-conditional
+    references give this guarantee within each class (Vovk 2005, "Mondrian" conformal predictors), which
+    keeps a class whose clean scores run high from eating the whole false-positive budget.
+
+    The class used should be the one available at serving time: the **predicted** class.
+    """
+
+    def __init__(self, min_class_count: int = 50):
+        self.min_class_count = min_class_count
+
+    def fit(self, scores: np.ndarray, classes: np.ndarray, n_classes: int) -> "ConformalCalibrator":
+        """Store the sorted clean held-out ``scores`` (n,) globally and per class of ``classes`` (n,). Returns self."""
+        if not isinstance(self.min_class_count, (int, np.integer)) or self.min_class_count < 1:
+            raise InvalidInput(f"min_class_count must be a positive integer, got {self.min_class_count!r}")
+        if not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
+            raise InvalidInput(f"n_classes must be a positive integer, got {n_classes!r}")
+        s = _as_scores(scores, allow_inf=False)
+        if len(s) == 0:
+            raise InvalidInput("cannot calibrate on zero reference scores")
+        c = _as_classes(classes, len(s), n_classes)
+        self.global_ = np.sort(s)
+        counts = np.bincount(c, minlength=n_classes)
+        self.conditional_ = counts >= self.min_class_count
+        keep = self.conditional_[c]
+        order = np.lexsort((s[keep], c[keep]))  # by class, then by score
+        self.class_values_ = s[keep][order]
+        self.class_offsets_ = np.concatenate([[0], np.cumsum(np.where(self.conditional_, counts, 0))]).astype(np.int64)
+        return self
+
+    @property
+    def n_classes_(self) -> int:
+        """Number of classes the calibrator was fitted for."""
+        return len(self.conditional_)
+
+    def reference_size(self, classes: np.ndarray) -> np.ndarray:
+        """Number of references each input is ranked against, ndarray (n,) (the p-value's resolution is 1/(size+1))."""
+        self._check_fitted()
+        c = np.asarray(classes)
+        c = _as_classes(c, c.size, self.n_classes_)
+        sizes = np.diff(self.class_offsets_)
+        return np.where(self.conditional_[c], sizes[c], len(self.global_))
+
+    def p_values(self, scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """Conformal p-value of each score given each input's class, ndarray (n,) in (0, 1]; small = suspicious."""
+        self._check_fitted()
+        s = _as_scores(scores, allow_inf=True)
+        c = _as_classes(classes, len(s), self.n_classes_)
+        n_ref = len(self.global_)
+        at_least = n_ref - np.searchsorted(self.global_, s, side="left")
+        size = np.full(len(s), n_ref)
+        for k in np.flatnonzero(self.conditional_):  # a loop over classes, never over samples
+            rows = np.flatnonzero(c == k)
+            if len(rows) == 0:
+                continue
+            ref = self.class_values_[self.class_offsets_[k]:self.class_offsets_[k + 1]]
+            at_least[rows] = len(ref) - np.searchsorted(ref, s[rows], side="left")
+            size[rows] = len(ref)
+        return (1.0 + at_least) / (size + 1.0)
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "global_"):
+            raise NotReady("ConformalCalibrator is not fitted: call fit() or load it from a baseline first")
+
+    def get_state(self, prefix: str) -> dict[str, np.ndarray]:
+        """Fitted arrays under ``prefix``; the ragged per-class references are flattened with offsets.
+
+        ``class_values[class_offsets[c]:class_offsets[c+1]]`` are the sorted references of class c (empty
+        for a class calibrated globally).
+        """
+        self._check_fitted()
+        return {f"{prefix}min_class_count": np.asarray(self.min_class_count, dtype=np.int64),
+                f"{prefix}global": self.global_, f"{prefix}conditional": self.conditional_.astype(np.bool_),
+                f"{prefix}class_values": self.class_values_, f"{prefix}class_offsets": self.class_offsets_}
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], prefix: str) -> "ConformalCalibrator":
+        """Rebuild from :meth:`get_state`'s arrays, checking that they are consistent."""
+        cal = cls(int(arrays[f"{prefix}min_class_count"]))
+        cal.global_ = np.asarray(arrays[f"{prefix}global"], dtype=np.float64)
+        cal.conditional_ = np.asarray(arrays[f"{prefix}conditional"], dtype=np.bool_)
+        cal.class_values_ = np.asarray(arrays[f"{prefix}class_values"], dtype=np.float64)
+        cal.class_offsets_ = np.asarray(arrays[f"{prefix}class_offsets"], dtype=np.int64)
+        sizes = np.diff(cal.class_offsets_)
+        if (cal.global_.ndim != 1 or len(cal.global_) == 0 or len(cal.class_offsets_) != len(cal.conditional_) + 1
+                or cal.class_offsets_[0] != 0 or cal.class_offsets_[-1] != len(cal.class_values_) or (sizes < 0).any()
+                or (sizes[~cal.conditional_] != 0).any() or (sizes[cal.conditional_] == 0).any()
+                or (np.diff(cal.global_) < 0).any()):
+            raise InvalidInput(f"inconsistent conformal calibrator arrays under {prefix!r}")
+        return cal
+
+
+class Fusion:
+    """Combine the p-values of several scorers into one statistic; higher = more suspicious.
+
+    Parameters
+    ----------
+    method : {"fisher", "min", "harmonic"}, default "fisher"
+        With p_1..p_k an input's p-values:
+
+        - ``"fisher"``: T = -2 sum_j log p_j (Fisher 1925). Powerful when several scorers move moderately.
+        - ``"min"``: T = -log min_j p_j (Tippett / Bonferroni). Powerful when one scorer moves a lot and the
+          others not at all.
+        - ``"harmonic"``: T = (1/k) sum_j 1/p_j, the reciprocal of the harmonic mean p-value (Wilson, PNAS
+          2019): between the two, dominated by the smallest p-values, and robust to dependence.
+
+        (The mean of -log p is Fisher divided by 2k: the same ranking, so it is not offered.)
+
+    Notes
+    -----
+    Default rule and why: Fisher, thresholded at a false-positive rate calibrated on clean held-out data.
+    Fisher is the default because an adversarial input is expected to move several scorers a little (the
+    topology, the introspection error and the softmax confidence read the same activations) rather than one
+    scorer a lot; "min" is the choice when a single scorer is known to carry the signal. Measured on the
+    digits CNN (peers fitted on the training digits, p-values against the calibration digits, noise sigma =
+    0.3 vs clean test digits, AUROC fisher / min / harmonic): max-softmax + Mahalanobis + k-NN, which all
+    move moderately, 0.767 / 0.745 / 0.757; adding a Mahalanobis scorer on the first ReLU, which alone
+    carries the noise (0.989), 0.923 / 0.968 / 0.956. Revisit the default with the full scorer set and
+    real attacks.
+
+    Under independence and uniform p-values, Fisher's T follows chi2(2k). Our scorers read the same
+    activations and are correlated, which makes the chi-square tail far too light (a correlated pair of
+    small p-values counts twice): thresholds taken from chi2 would give far more false positives than
+    asked for (the three digits peers, -log p correlated 0.38-0.64: 5.3 % of clean test digits above the
+    chi2(6) 99 % quantile, 10.3 % above its 95 % quantile). The threshold is therefore calibrated empirically (:meth:`fit_threshold`) on clean held-out
+    inputs whose p-values were computed against *other* clean references (:func:`split_held_out`); this
+    is valid whatever the dependence between scorers, because it only needs exchangeability of clean
+    inputs. No attack data is needed.
+    """
+
+    def __init__(self, method: str = "fisher"):
+        self.method = method
+
+    def combine(self, p_values: np.ndarray) -> np.ndarray:
+        """Fused statistic of p-values (n_samples, n_scorers) in (0, 1], ndarray (n_samples,); higher = more suspicious."""
+        if self.method not in FUSION_METHODS:
+            raise InvalidInput(f"fusion method must be one of {FUSION_METHODS}, got {self.method!r}")
+        p = np.asarray(p_values, dtype=np.float64)
+        if p.ndim == 1:
+            p = p[:, None]
+        if p.ndim != 2 or p.shape[1] == 0:
+            raise InvalidInput(f"expected p-values of shape (n_samples, n_scorers) with n_scorers >= 1, got {p.shape}")
+        if not ((p > 0) & (p <= 1)).all():
+            raise InvalidInput("p-values must lie in (0, 1] (conformal p-values never reach 0)")
+        if self.method == "fisher":
+            return -2.0 * np.log(p).sum(axis=1)
+        if self.method == "min":
+            return -np.log(p.min(axis=1))
+        return (1.0 / p).mean(axis=1)
+
+    @staticmethod
+    def fit_threshold(fused_clean: np.ndarray, fpr: float) -> float:
+        """Threshold t on a fused statistic such that flagging ``fused > t`` has false-positive rate <= ``fpr``.
+
+        Parameters
+        ----------
+        fused_clean : ndarray of shape (n,)
+            Fused statistic of clean held-out inputs not used as p-value references.
+        fpr : float in (0, 1)
+            Target false-positive rate a.
+
+        Returns
+        -------
+        float
+            The k-th smallest of the n clean values, k = ceil((n+1)(1-a)) (the conformal quantile). For a new
+            exchangeable clean input, P(fused > t) <= (n+1-k)/(n+1) <= a; on ``fused_clean`` itself at most
+            n-k < n a values exceed t, so the empirical FPR is < a as well. Ties only lower the rate.
+
+        Raises
+        ------
+        InvalidInput
+            ``fpr`` outside (0, 1), or too few clean values: k <= n needs n >= (1-a)/a (99 for 1 %).
+        """
+        fused = _as_scores(fused_clean, allow_inf=False)
+        if not 0.0 < fpr < 1.0:
+            raise InvalidInput(f"fpr must lie in (0, 1), got {fpr!r}")
+        n = len(fused)
+        k = math.ceil((n + 1) * (1.0 - fpr) - 1e-9)  # the tolerance keeps an exact product from rounding up
+        if k > n:
+            raise InvalidInput(f"a threshold at false-positive rate {fpr} needs at least {math.ceil((1 - fpr) / fpr - 1e-9)} "
+                               f"clean held-out values, got {n}")
+        return float(np.partition(fused, k - 1)[k - 1])
+
+
+def split_held_out(classes: np.ndarray, fraction: float = 0.5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split clean held-out inputs into p-value references and threshold-setting inputs, stratified by class.
+
+    Parameters
+    ----------
+    classes : ndarray of shape (n,), int
+        The **predicted** class of each held-out input (what the calibrator conditions on).
+    fraction : float in (0, 1), default 0.5
+        Share of each class that goes to the references (rounded; each part keeps >= 1 input of a class with
+        >= 2 inputs).
+    seed : int, default 0
+        Seed of ``numpy.random.default_rng``: the same classes and seed give the same split on every machine.
+
+    Returns
+    -------
+    reference, threshold : ndarray of int64
+        Sorted, disjoint row indices that together cover 0..n-1.
+    """
+    c = np.asarray(classes)
+    if c.ndim != 1 or c.dtype.kind not in "iu":
+        raise InvalidInput(f"classes must be a 1-D integer array, got shape {c.shape} and dtype {c.dtype}")
+    if not 0.0 < fraction < 1.0:
+        raise InvalidInput(f"fraction must lie in (0, 1), got {fraction!r}")
+    rng = np.random.default_rng(seed)
+    reference, threshold = [], []
+    for k in np.unique(c):
+        idx = rng.permutation(np.flatnonzero(c == k))
+        n_ref = int(round(len(idx) * fraction))
+        if len(idx) >= 2:
+            n_ref = min(max(n_ref, 1), len(idx) - 1)
+        reference.append(idx[:n_ref])
+        threshold.append(idx[n_ref:])
+    return (np.sort(np.concatenate(reference)).astype(np.int64) if reference else np.zeros(0, np.int64),
+            np.sort(np.concatenate(threshold)).astype(np.int64) if threshold else np.zeros(0, np.int64))
