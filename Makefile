@@ -35,3 +35,8 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(BUILD) .pytest_cache
+
+# Regenerate the checked-in gRPC stubs in service/_generated/ from protos/ (needs the pinned grpcio-tools).
+.PHONY: protos
+protos: $(STAMP)
+	$(PY) -m service.protogen

@@ -4,6 +4,7 @@ from detector.capture import Capture, softmax
 from detector.data import Dataset, digits_split, load_dataset, read_idx
 from detector.errors import AdvDetectError, BaselineError, DataError, InvalidInput, ModelError, NotReady
 from detector.model import LayerInfo, OnnxClassifier, file_sha256
+from detector.pipeline import STAGES, Detection, DetectionBatch, Detector
 from detector.structure import extract_structure
 
 __version__ = "0.1.0"
@@ -12,12 +13,16 @@ __all__ = [
     "AdvDetectError",
     "BaselineError",
     "Capture",
+    "Detection",
+    "DetectionBatch",
+    "Detector",
     "DataError",
     "Dataset",
     "InvalidInput",
     "LayerInfo",
     "ModelError",
     "NotReady",
+    "STAGES",
     "OnnxClassifier",
     "digits_split",
     "extract_structure",

@@ -60,6 +60,113 @@ def _cmd_train_lenet5(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.01,0.05, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from detector.calibration import CalibrationConfig, calibrate
+    from detector.data import load_dataset
+
+    data = load_dataset(args.data)
+    config = CalibrationConfig(layers=args.layers, fprs=args.fpr, seed=args.seed, top_q=args.top_q,
+                               latent_dim=args.latent_dim, progress=not args.quiet)
+    manifest = calibrate(args.model, data, args.out, config)
+    print(f"baseline {manifest.version} written to {args.out}")
+    print(f"  data: {manifest.data.spec}, {manifest.data.n_samples} inputs (fit {manifest.data.n_fit}, "
+          f"references {manifest.data.n_reference}, thresholds {manifest.data.n_threshold})")
+    for rule in manifest.flags:
+        rates = ", ".join(f"target {t.target_fpr:g}: held-out {t.heldout_fpr:.3f}" for t in rule.thresholds)
+        print(f"  flag {rule.name}: fisher over {', '.join(rule.scores)}; FPR {rates}")
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import csv
+
+    from detector.data import load_dataset
+    from detector.pipeline import Detector
+
+    detector = Detector.load(args.model, args.baseline)
+    data = load_dataset(args.inputs, require_labels=False)
+    flag_names = [rule.name for rule in detector.manifest.flags]
+    with open(args.out, "w", newline="") as fh:
+        writer = None
+        for start in range(0, len(data), args.batch_size):
+            batch = detector.detect(data.x[start : start + args.batch_size], fpr=args.fpr)
+            for i, d in enumerate(batch.detections):
+                row = {"index": start + i, "label": int(data.y[start + i]), "predicted_class": d.predicted_class,
+                       "confidence": float(d.probabilities.max())}
+                row |= {f"score_{k}": v for k, v in d.scores.items()}
+                row |= {f"p_{k}": v for k, v in d.p_values.items()}
+                row |= {f"stat_{k}": v for k, v in d.statistics.items()}
+                row |= {f"flag_{f}": int(f in d.flags) for f in flag_names}
+                row |= {f"reasons_{f}": ";".join(d.flags.get(f, ())) for f in flag_names}
+                if writer is None:
+                    writer = csv.DictWriter(fh, fieldnames=list(row))
+                    writer.writeheader()
+                writer.writerow(row)
+    print(f"scored {len(data)} inputs -> {args.out}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from detector.data import load_dataset
+    from detector.errors import ModelError
+    from detector.offline.evaluate import ATTACK_NAMES, evaluate, load_torchscript, results_markdown, write_results
+    from detector.pipeline import Detector
+
+    attacks = ATTACK_NAMES if args.attacks == ["all"] else args.attacks
+    unknown = [a for a in attacks if a not in ATTACK_NAMES]
+    if unknown:
+        raise AdvDetectError(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACK_NAMES)} or all")
+    detector = Detector.load(args.model, args.baseline)
+    data = load_dataset(args.data)
+    if args.limit:
+        data = type(data)(data.x[: args.limit], data.y[: args.limit], f"{data.name}[:{args.limit}]")
+    import torch
+
+    torch.set_num_threads(1)  # the attacks' small batches run 10-20x slower with 2 threads on a 2-core machine
+    try:
+        torch_model = load_torchscript(args.torchscript)
+    except (RuntimeError, ValueError, OSError) as exc:
+        raise ModelError(f"cannot load TorchScript model {args.torchscript}: {str(exc).splitlines()[0]}") from None
+    result = evaluate(detector, torch_model, data, attacks, model_name=Path(args.model).stem, progress=not args.quiet)
+    write_results(result, Path(args.out))
+    print(results_markdown(result.table))
+    print(f"results written to {args.out}/results.json, results.md and roc_*.png")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from service.server import serve
+    from service.settings import load_settings
+
+    settings = load_settings(args.config, model_path=args.model, baseline_path=args.baseline,
+                             model_name=args.model_name, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(settings)
+    return 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from service.audit import print_summary
+
+    print_summary(args.file, as_json=args.json)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="advdetect", description="Adversarial-input detection for ONNX classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -81,6 +188,52 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=8)
     p.set_defaults(func=_cmd_train_lenet5)
+
+    p = sub.add_parser("calibrate", help="fit every scorer on clean data and write a baseline directory")
+    p.add_argument("--model", required=True, help="path to the .onnx classifier")
+    p.add_argument("--data", required=True, help="clean data: digits | digits:SPLIT | FILE.npz | IDX file or folder")
+    p.add_argument("--out", required=True, help="baseline directory to write")
+    p.add_argument("--layers", type=_names, default=None, help="comma-separated layers to capture (default: post-activation)")
+    p.add_argument("--fpr", type=_floats, default=(0.01, 0.05), help="target false-positive rates (default 0.01,0.05)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-q", type=float, default=1.0, help="induced-graph edges kept per layer pair (default 1 = exact)")
+    p.add_argument("--latent-dim", type=int, default=2, help="introspection VAE latent size (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("score", help="score a batch of inputs offline and write a CSV")
+    p.add_argument("--model", required=True)
+    p.add_argument("--baseline", required=True)
+    p.add_argument("--inputs", required=True, help="FILE.npz with x (y optional), or any data spec")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--fpr", type=float, default=None, help="target FPR (one of the calibrated ones)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.set_defaults(func=_cmd_score)
+
+    p = sub.add_parser("evaluate", help="attack suite and side-by-side detector comparison")
+    p.add_argument("--model", required=True, help="the .onnx classifier the baseline was calibrated for")
+    p.add_argument("--torchscript", required=True, help="TorchScript copy of the same classifier (for gradients)")
+    p.add_argument("--baseline", required=True)
+    p.add_argument("--data", required=True, help="clean evaluation data (not the calibration data)")
+    p.add_argument("--attacks", type=_names, default=["all"], help="comma-separated attacks or 'all' (default)")
+    p.add_argument("--out", required=True, help="output folder for results.json, results.md, roc_*.png")
+    p.add_argument("--limit", type=int, default=0, help="evaluate on the first N inputs only")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("serve", help="serve the model with detection over gRPC (native API + Open Inference Protocol)")
+    p.add_argument("--model", default=None, help="the .onnx classifier (or ADVDETECT_MODEL_PATH)")
+    p.add_argument("--baseline", default=None, help="its baseline directory (or ADVDETECT_BASELINE_PATH)")
+    p.add_argument("--model-name", default=None, help="name clients use (default: the ONNX file's stem)")
+    p.add_argument("--config", default=None, help="TOML settings file (ADVDETECT_* environment variables also apply)")
+    p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
+    p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default 9100)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("audit", help="summarise an audit log of flagged inputs")
+    p.add_argument("file", help="the audit log (rotated files beside it are read too)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_audit)
     return parser
 
 

@@ -41,3 +41,15 @@ def mnist_dir() -> Path:
     if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"real MNIST data expected at {MNIST_DIR} (shared/ beside the checkout)")
     return MNIST_DIR
+
+
+@pytest.fixture(scope="session")
+def cnn_baseline(demo_models: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A baseline calibrated for the digits CNN on digits:calib (default settings): its folder and manifest."""
+    from detector import load_dataset
+    from detector.calibration import CalibrationConfig, calibrate
+
+    out = tmp_path_factory.mktemp("baseline_cnn")
+    manifest = calibrate(demo_models / "digits_cnn.onnx", load_dataset("digits:calib"), out,
+                         CalibrationConfig(progress=False))
+    return out, manifest

@@ -60,7 +60,7 @@ def _expected_rate(cal: ConformalCalibrator, classes: np.ndarray, a: float) -> t
 # -- p-values: closed form -------------------------------------------------------------------------------
 
 def test_p_values_on_a_hand_made_reference():
-    cal = ConformalCalibrator(min_class_count=1).fit(np.array([3.0, 1.0, 4.0, 2.0]), np.zeros(4, np.int64), 1)
+    cal = ConformalCalibrator(min_class_count=1, tail=False).fit(np.array([3.0, 1.0, 4.0, 2.0]), np.zeros(4, np.int64), 1)
     p = cal.p_values(np.array([0.0, 2.0, 2.5, 4.0, 10.0, np.inf]), np.zeros(6, np.int64))
     # (1 + #{ref >= s}) / 5: ties count as "at least as extreme"
     np.testing.assert_allclose(p, [1.0, 0.8, 0.6, 0.4, 0.2, 0.2])
@@ -68,7 +68,7 @@ def test_p_values_on_a_hand_made_reference():
 
 def test_p_values_lie_in_0_1_and_fall_as_the_score_rises(scored):
     ref, cls = scored["calib"][:, 2], scored["calib_class"]
-    cal = ConformalCalibrator().fit(ref, cls, N_CLASSES)
+    cal = ConformalCalibrator(tail=False).fit(ref, cls, N_CLASSES)
     grid = np.linspace(ref.min() - 1, ref.max() + 1, 2001)
     for c in range(N_CLASSES):
         p = cal.p_values(grid, np.full(len(grid), c))
@@ -83,7 +83,7 @@ def test_class_conditional_and_global_paths_match_brute_force(scored):
     counts = np.bincount(cls, minlength=N_CLASSES)
     # a cut between the class counts: the larger classes get their own references, the others the global ones
     cut = int(np.median(counts)) + 1
-    cal = ConformalCalibrator(min_class_count=cut).fit(ref, cls, N_CLASSES)
+    cal = ConformalCalibrator(min_class_count=cut, tail=False).fit(ref, cls, N_CLASSES)
     np.testing.assert_array_equal(cal.conditional_, counts >= cut)
     assert cal.conditional_.any() and not cal.conditional_.all(), counts
     s, c = scored["test"][:, 0], scored["test_class"]
@@ -92,7 +92,7 @@ def test_class_conditional_and_global_paths_match_brute_force(scored):
         rows = c == k
         own = ref[cls == k] if cal.conditional_[k] else ref
         np.testing.assert_allclose(p[rows], _brute_p(s[rows], own), rtol=1e-15)
-    everyone = ConformalCalibrator(min_class_count=len(ref) + 1).fit(ref, cls, N_CLASSES)
+    everyone = ConformalCalibrator(min_class_count=len(ref) + 1, tail=False).fit(ref, cls, N_CLASSES)
     assert not everyone.conditional_.any()
     np.testing.assert_allclose(everyone.p_values(s, c), _brute_p(s, ref), rtol=1e-15)
 
@@ -127,11 +127,11 @@ def test_p_values_are_exactly_uniform_over_random_splits(scored, stratified):
     for r in range(repeats):
         if stratified:
             ref, new = split_held_out(cls, 0.06, seed=r)
-            cal = ConformalCalibrator(min_class_count=1).fit(pool[ref], cls[ref], N_CLASSES)
+            cal = ConformalCalibrator(min_class_count=1, tail=False).fit(pool[ref], cls[ref], N_CLASSES)
         else:
             perm = rng.permutation(len(pool))
             ref, new = perm[:19], perm[19:]
-            cal = ConformalCalibrator(min_class_count=len(pool)).fit(pool[ref], cls[ref], N_CLASSES)
+            cal = ConformalCalibrator(min_class_count=len(pool), tail=False).fit(pool[ref], cls[ref], N_CLASSES)
         p = cal.p_values(pool[new], cls[new])
         rates[r] = (p[:, None] <= grid).mean(axis=0)
         sizes = np.sort(cal.reference_size(cls[new]))
@@ -259,3 +259,26 @@ def test_calibrator_refuses_bad_input(scored):
         cal.p_values(np.array([1.0]), np.array([10]))
     with pytest.raises(InvalidInput, match="min_class_count"):
         ConformalCalibrator(min_class_count=0).fit(s, c, N_CLASSES)
+
+
+def test_exponential_tail_extends_p_values_beyond_the_references(scored):
+    ref, cls = scored["calib"][:, 1], scored["calib_class"]
+    exact = ConformalCalibrator(min_class_count=10**6, tail=False).fit(ref, cls, N_CLASSES)  # global references
+    tailed = ConformalCalibrator(min_class_count=10**6, tail=True).fit(ref, cls, N_CLASSES)
+    inside = np.linspace(ref.min(), ref.max(), 50)
+    c0 = np.zeros(50, np.int64)
+    np.testing.assert_array_equal(tailed.p_values(inside, c0), exact.p_values(inside, c0))  # unchanged inside
+    top = ref.max()
+    beyond = top + (np.linspace(0, 10, 50) + 1e-9) * np.std(ref)
+    p = tailed.p_values(beyond, c0)
+    floor = 1.0 / (len(ref) + 1)
+    assert abs(p[0] - floor) < 1e-6 * floor  # continuous at the largest reference
+    assert (np.diff(p) < 0).all() and (p > 0).all()  # strictly decreasing, never 0
+    assert (exact.p_values(beyond, c0) == floor).all()  # where plain conformal p-values saturate
+    # approximate validity below 1/(n+1): on a fresh clean split, p <= a happens about a of the time
+    fresh = ConformalCalibrator(min_class_count=10**6).fit(ref[::2], cls[::2], N_CLASSES).p_values(ref[1::2], cls[1::2])
+    n_ref = len(ref[::2])
+    for a in (0.5 / (n_ref + 1), 1.0 / (n_ref + 1)):
+        assert np.mean(fresh <= a) <= a + 3 * np.sqrt(a * (1 - a) / len(fresh)) + 1.0 / len(fresh)
+    state = tailed.get_state("c/")
+    np.testing.assert_array_equal(ConformalCalibrator.from_state(state, "c/").p_values(beyond, c0), p)

@@ -1,0 +1,106 @@
+"""The baseline manifest: a frozen pydantic model written as ``manifest.json`` in the baseline directory.
+
+It says what the baseline was calibrated for (the model's sha256, input, captured layers), on what data
+(spec, hash, split sizes, seed), with which scorers and parameters, how p-values are fused, the thresholds
+of every flag for every target false-positive rate, and the held-out metrics. The fitted arrays live beside
+it in ``arrays.npz`` and the introspection model in ``introspection.onnx``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ModelInfo",
+    "DataInfo",
+    "ScorerEntry",
+    "Threshold",
+    "FlagRule",
+    "Manifest",
+]
+
+#: Bumped whenever a reader of an older version could misread a newer artifact.
+SCHEMA_VERSION = 1
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelInfo(_Frozen):
+    """The classifier the baseline belongs to."""
+
+    file_name: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    input_name: str
+    input_shape: list[int | None]
+    n_classes: int = Field(ge=2)
+    captured_layers: list[str]
+
+
+class DataInfo(_Frozen):
+    """The clean calibration data and how it was split."""
+
+    spec: str
+    sha256: str = Field(description="SHA-256 of the images' and labels' bytes")
+    n_samples: int
+    n_fit: int
+    n_reference: int = Field(description="held-out inputs whose scores are the conformal references")
+    n_threshold: int = Field(description="held-out inputs on which the fused thresholds are set")
+    seed: int
+
+
+class ScorerEntry(_Frozen):
+    """One fitted scorer: its kind, constructor parameters and the names of the scores it gives."""
+
+    kind: str
+    params: dict[str, Any]
+    score_names: list[str]
+
+
+class Threshold(_Frozen):
+    """A decision threshold on a flag's statistic for one target false-positive rate on clean data."""
+
+    target_fpr: float = Field(gt=0, lt=1)
+    value: float
+    heldout_fpr: float = Field(description="false-positive rate measured on the held-out clean inputs")
+
+
+class FlagRule(_Frozen):
+    """A flag: which p-values it fuses, how, and where it fires.
+
+    The statistic is ``fusion`` of the conformal p-values of ``scores``; the flag fires when it exceeds the
+    threshold of the chosen target FPR (``default_fpr`` unless the request asks for another). ``reason_alpha``
+    names a scorer as a reason when its own p-value is below it.
+    """
+
+    name: str
+    scores: list[str]
+    fusion: str
+    thresholds: list[Threshold]
+    default_fpr: float
+    reason_alpha: float = 0.05
+
+
+class Manifest(_Frozen):
+    """Everything needed to load a baseline without executing code (see :mod:`detector.baseline`)."""
+
+    schema_version: int = SCHEMA_VERSION
+    tool_version: str
+    created_at: str
+    model: ModelInfo
+    data: DataInfo
+    scorers: list[ScorerEntry]
+    conformal_min_class_count: int
+    flags: list[FlagRule]
+    population: dict[str, Any] = Field(default_factory=dict, description="window monitor settings and sizes")
+    heldout_metrics: dict[str, float] = Field(default_factory=dict)
+    package_versions: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def version(self) -> str:
+        """A short identifier of this baseline: schema, creation time and model hash prefix."""
+        return f"v{self.schema_version}-{self.created_at}-{self.model.sha256[:8]}"

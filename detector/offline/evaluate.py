@@ -1,0 +1,152 @@
+"""Honest evaluation: every scorer, the fused detector and the peers, on the same samples, in one run.
+
+Protocol (DESIGN.md, "Honest evaluation"):
+
+- negatives are the clean evaluation inputs the model classifies correctly;
+- for each attack, positives are the *successful* adversarial examples made from those same inputs
+  (failed attempts are not counted); the attack's success rate is reported beside;
+- ``misclassified``: positives are the clean evaluation inputs the model gets wrong;
+- ``noise``: Gaussian noise on the same inputs; every noisy input counts (it is a corruption, not an attack).
+
+For every (attack, detector) pair: AUROC and the TPR at 1 % and 5 % FPR (the largest TPR on the ROC curve
+whose FPR does not exceed the target). Detectors are the raw scores of every scorer (``nonzero_pixels`` is
+the input-statistics sanity row) and ``fused``: the ``adversarial`` flag's statistic on attack rows and the
+``likely_misclassified`` statistic on the ``misclassified`` row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score, roc_curve
+from tqdm.auto import tqdm
+
+from detector.data import Dataset
+from detector.offline.attacks import run_attack
+from detector.pipeline import Detector
+
+__all__ = ["ATTACK_NAMES", "EvaluationResult", "evaluate", "tpr_at_fpr", "write_results"]
+
+#: Rows of the table, in order (``misclassified`` is not an attack but the natural errors of the model).
+ATTACK_NAMES = ("fgsm", "pgd", "pgd_foreground", "deepfool", "cw_k0", "cw_k10", "noise", "misclassified")
+FPR_TARGETS = (0.01, 0.05)
+
+
+def tpr_at_fpr(negatives: np.ndarray, positives: np.ndarray, fpr: float) -> float:
+    """Largest true-positive rate on the ROC curve with false-positive rate <= ``fpr``."""
+    y = np.r_[np.zeros(len(negatives)), np.ones(len(positives))]
+    f, t, _ = roc_curve(y, np.r_[negatives, positives])
+    return float(t[f <= fpr + 1e-12].max())
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """The results table (``results.json`` shape) and the scores behind it, for ROC figures."""
+
+    table: dict
+    scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+
+
+def _detector_scores(detector: Detector, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, len(x), batch_size):
+        capture = detector.classify(x[start : start + batch_size])
+        raw = detector.raw_scores(capture)
+        stats = detector.statistics(detector.p_values(raw, capture.predicted))
+        parts.append(raw | {f"fused_{k}": v for k, v in stats.items()})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+
+def _row(clean: dict[str, np.ndarray], positive: dict[str, np.ndarray], fused_key: str) -> dict[str, dict[str, float]]:
+    out = {}
+    names = [k for k in clean if not k.startswith("fused_")]
+    for name in ["fused", *names]:
+        key = fused_key if name == "fused" else name
+        neg, pos = clean[key], positive[key]
+        if len(pos) == 0:
+            out[name] = {"auroc": math.nan, **{f"tpr_at_fpr_{f}": math.nan for f in FPR_TARGETS}}
+            continue
+        y = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
+        out[name] = {"auroc": float(roc_auc_score(y, np.r_[neg, pos])),
+                     **{f"tpr_at_fpr_{f}": tpr_at_fpr(neg, pos, f) for f in FPR_TARGETS}}
+    return out
+
+
+def evaluate(detector: Detector, torch_model: torch.nn.Module, data: Dataset, attacks: Sequence[str] = ATTACK_NAMES,
+             model_name: str = "", progress: bool = True) -> EvaluationResult:
+    """Run the attacks on ``data``'s correctly classified inputs and score everything with ``detector``."""
+    unknown = [a for a in attacks if a not in ATTACK_NAMES]
+    if unknown:
+        raise ValueError(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACK_NAMES)} or 'all'")
+    all_scores = _detector_scores(detector, data.x)
+    predicted = detector.classify(data.x).predicted
+    correct = predicted == data.y
+    clean = {k: v[correct] for k, v in all_scores.items()}
+    table: dict = {"model": model_name, "n_clean": int(correct.sum()), "attacks": {}}
+    kept: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    x_ok, y_ok = data.x[correct], data.y[correct]
+    for name in tqdm(attacks, desc="evaluate", disable=not progress):
+        if name == "misclassified":
+            positive = {k: v[~correct] for k, v in all_scores.items()}
+            rate, fused_key, n = float(np.mean(~correct)), "fused_likely_misclassified", int((~correct).sum())
+        else:
+            result = run_attack(name, torch_model, x_ok, y_ok)
+            chosen = np.ones(len(x_ok), bool) if name == "noise" else result.success
+            positive = _detector_scores(detector, result.x_adv[chosen]) if chosen.any() else {k: v[:0] for k, v in clean.items()}
+            rate, fused_key, n = result.success_rate, "fused_adversarial", int(chosen.sum())
+        table["attacks"][name] = {"success_rate": rate, "n": n, "detectors": _row(clean, positive, fused_key)}
+        kept[name] = {d: (clean[d if d != "fused" else fused_key], positive[d if d != "fused" else fused_key])
+                      for d in table["attacks"][name]["detectors"]}
+    return EvaluationResult(table, kept)
+
+
+def write_results(result: EvaluationResult, out: Path) -> None:
+    """Write ``results.json``, ``results.md`` and one ROC PNG per attack into ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result.table, indent=2, allow_nan=True) + "\n")
+    (out / "results.md").write_text(results_markdown(result.table))
+    for attack, detectors in result.scores.items():
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for name, (neg, pos) in detectors.items():
+            if len(pos) == 0:
+                continue
+            f, t, _ = roc_curve(np.r_[np.zeros(len(neg)), np.ones(len(pos))], np.r_[neg, pos])
+            ax.plot(f, t, lw=2.2 if name == "fused" else 1.0, label=f"{name} ({result.table['attacks'][attack]['detectors'][name]['auroc']:.3f})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"{result.table['model']}: {attack}")
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        fig.savefig(out / f"roc_{attack}.png", dpi=110)
+        plt.close(fig)
+
+
+def results_markdown(table: dict) -> str:
+    """The results table as Markdown: one block per attack, one row per detector."""
+    lines = [f"# Evaluation: {table['model']}", "",
+             f"Clean inputs classified correctly (negatives): {table['n_clean']}. Positives: successful adversarial "
+             "examples made from them (every noisy input for `noise`; the model's errors for `misclassified`).", ""]
+    for attack, row in table["attacks"].items():
+        lines += [f"## {attack}: success rate {row['success_rate']:.3f}, n = {row['n']}", "",
+                  "| detector | AUROC | TPR @ 1% FPR | TPR @ 5% FPR |", "|---|---|---|---|"]
+        for name, m in row["detectors"].items():
+            bold = "**" if name == "fused" else ""
+            lines.append(f"| {bold}{name}{bold} | {m['auroc']:.3f} | {m['tpr_at_fpr_0.01']:.3f} | {m['tpr_at_fpr_0.05']:.3f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def load_torchscript(path: str | Path) -> torch.nn.Module:
+    """Load a TorchScript classifier for the gradient attacks."""
+    return torch.jit.load(str(path), map_location="cpu").eval()
+

@@ -1,0 +1,1 @@
+"""Generated package (``make protos``). Do not edit."""

@@ -1,0 +1,134 @@
+"""Build, start and drain the advdetect gRPC server.
+
+:func:`create_server` loads the model and baseline (refusing to start, with the reason, when either is
+unusable), wires the servicers, health, reflection, metrics and the audit log, and binds the port (0 picks a
+free one; the bound port is returned). :func:`serve` runs it until SIGTERM or SIGINT, then drains: health
+goes NOT_SERVING, new calls are refused, calls in flight get ``grace_period_s`` to finish, the audit log is
+flushed and closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from importlib import metadata
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from detector import Detector
+from detector.pipeline import model_name_of
+from service.audit import AuditLog
+from service.core import DetectionCore
+from service.errors import ServiceInterceptor
+from service.metrics import MetricsServer, ServiceMetrics, start_metrics_server
+from service.protocol import (
+    DETECTOR_METHODS,
+    OIP_METHODS,
+    SERVED_SERVICES,
+    detector_pb2_grpc,
+    enable_reflection,
+    oip_pb2_grpc,
+)
+from service.servicers import DetectorServicer, InferenceServicer
+from service.settings import ServiceSettings
+
+__all__ = ["RunningServer", "create_server", "serve"]
+
+logger = logging.getLogger("advdetect.server")
+
+
+@dataclass
+class RunningServer:
+    """A started server and what it owns; :meth:`stop` drains and releases everything."""
+
+    server: grpc.Server
+    port: int
+    health: health.HealthServicer
+    core: DetectionCore
+    metrics: ServiceMetrics
+    metrics_server: MetricsServer
+    audit: AuditLog | None
+    settings: ServiceSettings
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Drain: NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.core.stop()
+        if self.audit is not None:
+            self.audit.close()
+        self.metrics_server.shutdown()
+
+
+def _version() -> str:
+    try:
+        return metadata.version("advdetect")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+def create_server(settings: ServiceSettings, registry: CollectorRegistry | None = None) -> RunningServer:
+    """Load, warm up and start a server for ``settings``; health is SERVING once it returns.
+
+    Raises
+    ------
+    ModelError, BaselineError
+        The model or baseline cannot be used (the message says why).
+    """
+    health_servicer = health.HealthServicer()
+    all_services = ("", *SERVED_SERVICES)
+    for name in all_services:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    detector = Detector.load(settings.model_path, settings.baseline_path, intra_op_threads=1)
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = ServiceMetrics(registry)
+    metrics.touch(methods=DETECTOR_METHODS + OIP_METHODS)
+    audit = AuditLog.from_settings(settings)
+    if audit is not None:
+        audit.start()
+    core = DetectionCore(detector, settings.model_name or model_name_of(settings.model_path), metrics, audit,
+                         max_batch_size=settings.max_batch_size, window_size=settings.population_window_size)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="advdetect"),
+        interceptors=[ServiceInterceptor(metrics, max_inflight=settings.max_inflight_requests)],
+        options=settings.grpc_options(),
+    )
+    detector_pb2_grpc.add_DetectorServicer_to_server(DetectorServicer(core), server)
+    oip_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, _version()), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server)
+    credentials = settings.server_credentials()
+    address = settings.grpc_address
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    metrics_server = start_metrics_server(registry, settings.metrics_port, settings.metrics_host)
+    server.start()
+    core.warm_up()
+    for name in all_services:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    logger.info("serving %s (baseline %s) on port %d, metrics on port %d%s", core.model_name, detector.version, port,
+                metrics_server.port, " with TLS" if credentials else "")
+    return RunningServer(server, port, health_servicer, core, metrics, metrics_server, audit, settings)
+
+
+def serve(settings: ServiceSettings) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully."""
+    running = create_server(settings)
+    done = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("signal %d: draining (grace %.1f s)", signum, settings.grace_period_s)
+        done.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"advdetect serving {running.core.model_name} on port {running.port}, "
+          f"metrics on port {running.metrics_server.port}", flush=True)
+    done.wait()
+    running.stop()
+    logger.info("stopped")

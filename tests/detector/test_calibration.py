@@ -1,0 +1,136 @@
+"""Calibration on digits: a deterministic baseline that loads without code execution and flags noise, not clean data."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+
+from detector import BaselineError, load_dataset
+from detector.baseline import read_baseline
+from detector.calibration import CalibrationConfig, calibrate
+from detector.cli import main
+from detector.pipeline import Detector
+
+@pytest.fixture(scope="module")
+def detector(demo_models, cnn_baseline):
+    return Detector.load(demo_models / "digits_cnn.onnx", cnn_baseline[0])
+
+
+def test_artifact_layout_and_manifest(cnn_baseline):
+    out, manifest = cnn_baseline
+    assert {p.name for p in out.iterdir()} >= {"manifest.json", "arrays.npz", "introspection.onnx"}
+    raw = json.loads((out / "manifest.json").read_text())
+    assert raw["schema_version"] == 1 and raw["model"]["sha256"] == manifest.model.sha256
+    assert [s["kind"] for s in raw["scorers"]] == ["induced_persistence", "betti_density", "introspection",
+                                                   "max_softmax", "mahalanobis", "knn", "nonzero_pixels"]
+    assert {f["name"] for f in raw["flags"]} == {"adversarial", "likely_misclassified"}
+    for rule in manifest.flags:
+        for t in rule.thresholds:  # the conformal quantile keeps the held-out FPR at or below target
+            assert t.heldout_fpr <= t.target_fpr
+    with zipfile.ZipFile(out / "arrays.npz") as z:  # plain .npy members, no pickles
+        assert all(name.endswith(".npy") for name in z.namelist())
+    assert manifest.data.n_fit + manifest.data.n_reference + manifest.data.n_threshold == 539
+
+
+def test_same_seed_same_artifact(demo_models, cnn_baseline, tmp_path):
+    again = calibrate(demo_models / "digits_cnn.onnx", load_dataset("digits:calib"), tmp_path,
+                      CalibrationConfig(progress=False))
+    a, b = read_baseline(cnn_baseline[0]), read_baseline(tmp_path)
+    assert sorted(a[1]) == sorted(b[1])
+    for key in a[1]:
+        np.testing.assert_array_equal(a[1][key], b[1][key], err_msg=key)
+    assert a[2] == b[2]  # introspection.onnx byte for byte
+    assert again.model_dump(exclude={"created_at"}) == cnn_baseline[1].model_dump(exclude={"created_at"})
+
+
+def test_clean_inputs_pass_and_noise_is_flagged(detector):
+    test = load_dataset("digits:test")
+    clean = detector.detect(test.x, fpr=0.05)
+    noisy_x = np.clip(test.x + np.random.default_rng(0).normal(0, 0.3, test.x.shape), 0, 1).astype(np.float32)
+    noisy = detector.detect(noisy_x, fpr=0.05)
+    clean_rate = np.mean(["adversarial" in d.flags for d in clean.detections])
+    noise_rate = np.mean(["adversarial" in d.flags for d in noisy.detections])
+    # 5 % target: 360 clean inputs give a binomial standard deviation of 1.1 %; allow 3 sigma
+    assert clean_rate <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / len(test)), clean_rate
+    assert noise_rate > 0.5, noise_rate  # measured 0.66 (clean: 0.02)
+    flagged = [d for d in noisy.detections if "adversarial" in d.flags]
+    assert all(d.flags["adversarial"] for d in flagged)  # every flag names its reasons
+    assert set(clean.stage_seconds) == {"inference", "topology", "introspection", "peers", "fusion"}
+    d = clean.detections[0]
+    assert 0 < min(d.p_values.values()) and max(d.p_values.values()) <= 1
+    assert d.predicted_class == int(np.argmax(d.probabilities))
+
+
+def test_likely_misclassified_flag_prefers_the_models_errors(detector):
+    test = load_dataset("digits:test")
+    batch = detector.detect(test.x, fpr=0.05)
+    wrong = np.array([d.predicted_class for d in batch.detections]) != test.y
+    stat = np.array([d.statistics["likely_misclassified"] for d in batch.detections])
+    assert wrong.sum() >= 3
+    assert stat[wrong].mean() > stat[~wrong].mean()
+
+
+def test_uncalibrated_fpr_is_refused(detector):
+    from detector import InvalidInput
+
+    with pytest.raises(InvalidInput, match="no threshold calibrated for false-positive rate 0.2"):
+        detector.detect(load_dataset("digits:test").x[:2], fpr=0.2)
+
+
+def test_a_baseline_for_another_model_is_refused(demo_models, cnn_baseline):
+    with pytest.raises(BaselineError, match="calibrated for model digits_cnn.onnx.*calibrate a baseline for this model"):
+        Detector.load(demo_models / "digits_mlp.onnx", cnn_baseline[0])
+
+
+def test_newer_schema_missing_and_corrupt_files_are_refused(demo_models, cnn_baseline, tmp_path):
+    model = demo_models / "digits_cnn.onnx"
+    broken = tmp_path / "b"
+    shutil.copytree(cnn_baseline[0], broken)
+    raw = json.loads((broken / "manifest.json").read_text())
+    (broken / "manifest.json").write_text(json.dumps({**raw, "schema_version": 99}))
+    with pytest.raises(BaselineError, match="schema_version 99, newer than the 1 this advdetect reads"):
+        Detector.load(model, broken)
+    (broken / "manifest.json").write_text("{not json")
+    with pytest.raises(BaselineError, match="corrupt: not valid JSON"):
+        Detector.load(model, broken)
+    (broken / "manifest.json").write_text(json.dumps({**raw, "surprise": 1}))
+    with pytest.raises(BaselineError, match="invalid: surprise"):
+        Detector.load(model, broken)
+    (broken / "manifest.json").write_text(json.dumps(raw))
+    (broken / "arrays.npz").write_bytes(b"garbage")
+    with pytest.raises(BaselineError, match="arrays.npz is corrupt"):
+        Detector.load(model, broken)
+    np.savez(broken / "arrays.npz", evil=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(BaselineError, match="would need pickle to load; refused"):
+        Detector.load(model, broken)
+    (broken / "introspection.onnx").unlink()
+    shutil.copy(cnn_baseline[0] / "arrays.npz", broken / "arrays.npz")
+    with pytest.raises(BaselineError, match="introspection.onnx is missing"):
+        Detector.load(model, broken)
+    with pytest.raises(BaselineError, match="baseline directory not found"):
+        Detector.load(model, tmp_path / "nowhere")
+
+
+def test_cli_score_writes_every_score_and_flag(demo_models, cnn_baseline, tmp_path, capsys):
+    test = load_dataset("digits:test")
+    np.savez(tmp_path / "inputs.npz", x=test.x[:20])  # no labels: allowed for scoring
+    out = tmp_path / "scores.csv"
+    assert main(["score", "--model", str(demo_models / "digits_cnn.onnx"), "--baseline", str(cnn_baseline[0]),
+                 "--inputs", str(tmp_path / "inputs.npz"), "--out", str(out), "--batch-size", "8"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 20 and rows[0]["label"] == "-1"
+    for col in ("score_induced_persistence", "p_betti_density", "stat_adversarial", "flag_likely_misclassified"):
+        assert col in rows[0]
+
+
+def test_cli_calibrate_rejects_too_little_data(demo_models, tmp_path, capsys):
+    np.savez(tmp_path / "small.npz", x=load_dataset("digits:test").x[:100], y=load_dataset("digits:test").y[:100])
+    code = main(["calibrate", "--model", str(demo_models / "digits_cnn.onnx"), "--data", str(tmp_path / "small.npz"),
+                 "--out", str(tmp_path / "b"), "--quiet"])
+    assert code == 2
+    assert "too few" in capsys.readouterr().err

@@ -1,0 +1,320 @@
+"""The real server on loopback ports: native API, Open Inference Protocol via tritonclient, health, reflection,
+metrics scraped over HTTP, bad inputs, TLS, SIGTERM drain and SIGKILL audit recovery."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from detector import BaselineError, load_dataset
+from service.audit import AuditReader
+from service.protocol import detector_pb2, detector_pb2_grpc
+from service.server import create_server
+from service.settings import load_settings
+from service.tensors import tensor_to_proto
+
+
+def _settings(demo_models: Path, baseline: Path, **extra):
+    return load_settings(None, model_path=demo_models / "digits_cnn.onnx", baseline_path=baseline, grpc_port=0,
+                         metrics_port=0, grpc_host="127.0.0.1", metrics_host="127.0.0.1", **extra)
+
+
+@pytest.fixture(scope="module")
+def server(demo_models, cnn_baseline, tmp_path_factory):
+    audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+    running = create_server(_settings(demo_models, cnn_baseline[0], audit_log_path=audit,
+                                      audit_flush_interval_s=0.05))
+    yield running
+    running.stop(grace_s=1)
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield detector_pb2_grpc.DetectorStub(channel)
+
+
+def _scrape(server) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(server.metrics_server.url, timeout=5).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+def _flags_sum(metrics: dict, flag: str) -> float:
+    return sum(v for (name, labels), v in metrics.items()
+               if name == "advdetect_flags_total" and dict(labels).get("flag") == flag)
+
+
+def test_clean_and_adversarial_traffic_move_the_counters(server, stub, demo_models):
+    import torch
+
+    from detector.offline.attacks import run_attack
+
+    test = load_dataset("digits:test")
+    clean_x, clean_y = test.x[:64], test.y[:64]
+    adv = run_attack("fgsm", torch.jit.load(str(demo_models / "digits_cnn.pt")), clean_x, clean_y)
+    before = _scrape(server)
+    clean = stub.Detect(detector_pb2.DetectRequest(inputs=tensor_to_proto(clean_x), request_id="clean-1"))
+    mid = _scrape(server)
+    attacked = stub.Detect(detector_pb2.DetectRequest(inputs=tensor_to_proto(adv.x_adv), request_id="adv-1"))
+    after = _scrape(server)
+
+    assert clean.request_id == "clean-1" and len(clean.results) == 64
+    assert np.mean([r.predicted_class == y for r, y in zip(clean.results, clean_y)]) > 0.95
+    clean_rate = np.mean([any(f.name == "adversarial" for f in r.flags) for r in clean.results])
+    adv_rate = np.mean([any(f.name == "adversarial" for f in r.flags) for r in attacked.results])
+    assert clean_rate <= 0.1 and adv_rate >= 0.8, (clean_rate, adv_rate)
+    assert mid[("advdetect_inputs_total", ())] - before[("advdetect_inputs_total", ())] == 64
+    assert after[("advdetect_inputs_total", ())] - mid[("advdetect_inputs_total", ())] == 64
+    assert _flags_sum(after, "adversarial") - _flags_sum(mid, "adversarial") == round(adv_rate * 64)
+    ok = ("advdetect_requests_total", (("code", "OK"), ("method", "Detect")))
+    assert after[ok] - before[ok] == 2
+    stage = ("advdetect_stage_duration_seconds_count", (("stage", "topology"),))
+    assert after[stage] - before[stage] == 2
+    assert after[("advdetect_baseline_info", (("model_sha256", server.core.detector.model.sha256),
+                                              ("version", server.core.detector.version)))] == 1.0
+    flagged = attacked.results[0].flags[0]
+    assert flagged.reasons and all(" p=" in r for r in flagged.reasons)
+    # the audit log receives the flagged inputs of the adversarial request
+    server.audit.flush(timeout_s=5)
+    records = [r for r in AuditReader(server.settings.audit_log_path) if r["request_id"] == "adv-1"]
+    assert len(records) == round(adv_rate * 64)
+    assert all("adversarial" in r["flags"] and r["reasons"]["adversarial"] for r in records)
+
+
+def test_tritonclient_calls_the_open_inference_protocol(server):
+    import tritonclient.grpc as triton
+
+    client = triton.InferenceServerClient(f"127.0.0.1:{server.port}")
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("digits_cnn")
+    meta = client.get_model_metadata("digits_cnn")
+    assert meta.inputs[0].name == "input" and list(meta.inputs[0].shape) == [-1, 1, 8, 8]
+    assert [o.name for o in meta.outputs] == ["logits", "probabilities", "predicted_class", "adversarial_score",
+                                              "flags", "p_values"]
+    x = load_dataset("digits:test").x[:5]
+    noisy = np.clip(x + np.random.default_rng(0).normal(0, 0.6, x.shape), 0, 1).astype(np.float32)
+    batch = np.concatenate([x, noisy])
+    inp = triton.InferInput("input", list(batch.shape), "FP32")
+    inp.set_data_from_numpy(batch)
+    result = client.infer("digits_cnn", [inp], request_id="triton-1")
+    assert result.get_response().id == "triton-1"
+    predicted = result.as_numpy("predicted_class")
+    logits = result.as_numpy("logits")
+    assert predicted.shape == (10,) and (predicted == logits.argmax(1)).all()
+    score = result.as_numpy("adversarial_score")
+    assert score[5:].mean() > score[:5].mean()
+    flags = [f.decode() for f in result.as_numpy("flags")]
+    assert sum("adversarial" in f for f in flags[5:]) >= 4 and sum("adversarial" in f for f in flags[:5]) <= 1
+    assert result.as_numpy("p_values").shape == (10, len(server.core.detector.score_names))
+    only = client.infer("digits_cnn", [inp], outputs=[triton.InferRequestedOutput("predicted_class")])
+    assert only.as_numpy("logits") is None and (only.as_numpy("predicted_class") == predicted).all()
+    with pytest.raises(triton.InferenceServerException, match="not served here"):
+        client.get_model_metadata("resnet50")
+
+
+def test_health_and_reflection(server):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        health_stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "advdetect.v1.Detector", "inference.GRPCInferenceService"):
+            status = health_stub.Check(health_pb2.HealthCheckRequest(service=service)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        responses = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for r in responses for s in r.list_services_response.service}
+        assert {"advdetect.v1.Detector", "inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+
+
+def test_baseline_info(stub, server):
+    info = stub.GetBaselineInfo(detector_pb2.GetBaselineInfoRequest())
+    assert info.model_name == "digits_cnn" and info.num_classes == 10 and list(info.input_shape) == [-1, 1, 8, 8]
+    assert info.baseline_version == server.core.detector.version and "adversarial" in info.flags
+    assert "adversarial@fpr=0.01" in info.thresholds
+
+
+def _code(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code(), err.value.details()
+
+
+def test_every_bad_input_gets_a_clear_status_and_the_server_keeps_serving(stub):
+    x = load_dataset("digits:test").x[:2]
+    good = tensor_to_proto(x)
+
+    def detect(tensor, **kw):
+        return lambda: stub.Detect(detector_pb2.DetectRequest(inputs=tensor, **kw))
+
+    cases = {
+        "shape": (detect(tensor_to_proto(np.zeros((1, 1, 28, 28), np.float32))), grpc.StatusCode.INVALID_ARGUMENT,
+                  "expected shape [N, 1, 8, 8], got [1, 1, 28, 28]"),
+        "dtype": (detect(tensor_to_proto(x.astype(np.float64))), grpc.StatusCode.INVALID_ARGUMENT,
+                  "expected dtype float32, got float64"),
+        "bytes": (detect(detector_pb2.Tensor(data=good.data[:-4], shape=good.shape, dtype="float32")),
+                  grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+        "nan": (detect(tensor_to_proto(np.where(np.arange(128).reshape(x.shape) == 5, np.nan, x).astype(np.float32))),
+                grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+        "empty": (detect(detector_pb2.Tensor(data=b"", shape=[0, 1, 8, 8], dtype="float32")),
+                  grpc.StatusCode.INVALID_ARGUMENT, "shape"),
+        "garbage": (detect(detector_pb2.Tensor(data=b"\x00\xffgarbage", shape=[1, 1, 8, 8], dtype="float32")),
+                    grpc.StatusCode.INVALID_ARGUMENT, "bytes"),
+        "unknown dtype": (detect(detector_pb2.Tensor(data=good.data, shape=good.shape, dtype="complex64")),
+                          grpc.StatusCode.INVALID_ARGUMENT, "complex64"),
+        "model": (detect(good, model_name="resnet50"), grpc.StatusCode.NOT_FOUND, "'resnet50' is not served here"),
+    }
+    for name, (call, code, text) in cases.items():
+        got_code, details = _code(call)
+        assert got_code == code, (name, got_code, details)
+        assert text in details, (name, details)
+    assert len(stub.Detect(detector_pb2.DetectRequest(inputs=good)).results) == 2  # still serving
+
+
+def test_detect_stream_reports_a_bad_message_and_goes_on(stub):
+    x = load_dataset("digits:test").x[:3]
+    requests = [detector_pb2.DetectRequest(inputs=tensor_to_proto(x), request_id="s1"),
+                detector_pb2.DetectRequest(inputs=tensor_to_proto(np.zeros((1, 1, 4, 4), np.float32)), request_id="s2"),
+                detector_pb2.DetectRequest(inputs=tensor_to_proto(x[:1]), request_id="s3")]
+    responses = list(stub.DetectStream(iter(requests)))
+    assert [r.request_id for r in responses] == ["s1", "s2", "s3"]
+    assert len(responses[0].results) == 3 and len(responses[2].results) == 1
+    assert responses[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "expected shape" in responses[1].error.message
+
+
+def test_an_expired_deadline_is_refused(stub):
+    x = load_dataset("digits:test").x[:256]
+    code, _ = _code(lambda: stub.Detect(detector_pb2.DetectRequest(inputs=tensor_to_proto(x)), timeout=0.001))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_population_window_metrics_are_published(server, stub):
+    x = load_dataset("digits:test").x
+    for start in range(0, 256, 64):
+        stub.Detect(detector_pb2.DetectRequest(inputs=tensor_to_proto(x[start : start + 64])))
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        m = _scrape(server)
+        if np.isfinite(m[("advdetect_population_anomaly_score", ())]):
+            break
+        time.sleep(0.2)
+    assert 0.0 <= m[("advdetect_window_flag_ratio", ())] <= 1.0
+    assert np.isfinite(m[("advdetect_population_anomaly_score", ())]) and m[("advdetect_population_anomaly_score", ())] >= 0
+
+
+def test_tls_with_a_ca_made_in_the_test(demo_models, cnn_baseline, tls_files):
+    settings = _settings(demo_models, cnn_baseline[0], tls_cert_path=tls_files.server_cert,
+                         tls_key_path=tls_files.server_key)
+    running = create_server(settings)
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=tls_files.ca_cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{running.port}", creds) as channel:
+            info = detector_pb2_grpc.DetectorStub(channel).GetBaselineInfo(detector_pb2.GetBaselineInfoRequest())
+            assert info.model_name == "digits_cnn"
+        with grpc.insecure_channel(f"localhost:{running.port}") as channel:  # plaintext is refused
+            code, _ = _code(lambda: detector_pb2_grpc.DetectorStub(channel).GetBaselineInfo(
+                detector_pb2.GetBaselineInfoRequest(), timeout=5))
+            assert code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        running.stop(grace_s=0)
+
+
+def test_a_mismatched_or_corrupt_baseline_refuses_to_start(demo_models, cnn_baseline, tmp_path):
+    with pytest.raises(BaselineError, match="calibrate a baseline for this model"):
+        create_server(load_settings(None, model_path=demo_models / "digits_mlp.onnx", baseline_path=cnn_baseline[0],
+                                    grpc_port=0, metrics_port=0))
+    (tmp_path / "manifest.json").write_text("{broken")
+    proc = subprocess.run([sys.executable, "-m", "detector.cli", "serve", "--model", str(demo_models / "digits_cnn.onnx"),
+                           "--baseline", str(tmp_path), "--grpc-port", "0", "--metrics-port", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "corrupt: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _start_subprocess_server(demo_models, baseline, tmp_path, *extra_env) -> tuple[subprocess.Popen, int]:
+    env = {**os.environ, "ADVDETECT_GRPC_HOST": "127.0.0.1", "ADVDETECT_METRICS_HOST": "127.0.0.1",
+           "ADVDETECT_GRACE_PERIOD_S": "30", **dict(extra_env)}
+    proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", "--model", str(demo_models / "digits_cnn.onnx"),
+                             "--baseline", str(baseline), "--grpc-port", "0", "--metrics-port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline()  # "advdetect serving digits_cnn on port N, metrics on port M"
+    assert "advdetect serving" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc, int(line.split(" on port ")[1].split(",")[0])
+
+
+def test_sigterm_drains_in_flight_requests(demo_models, cnn_baseline, tmp_path):
+    proc, port = _start_subprocess_server(demo_models, cnn_baseline[0], tmp_path)
+    x = load_dataset("digits:test").x[:256]  # a batch that takes seconds to score
+    results: dict[str, object] = {}
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = detector_pb2_grpc.DetectorStub(channel)
+        health_stub = health_pb2_grpc.HealthStub(channel)
+
+        def slow() -> None:
+            try:
+                results["slow"] = len(stub.Detect(detector_pb2.DetectRequest(inputs=tensor_to_proto(x))).results)
+            except grpc.RpcError as exc:
+                results["slow"] = exc.code()
+
+        worker = threading.Thread(target=slow)
+        worker.start()
+        time.sleep(0.5)  # the slow request is in flight
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        try:
+            status = health_stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+            results["health"] = status
+        except grpc.RpcError as exc:
+            results["health"] = exc.code()
+        try:
+            stub.Detect(detector_pb2.DetectRequest(inputs=tensor_to_proto(x[:1])), timeout=5)
+            results["new"] = "accepted"
+        except grpc.RpcError as exc:
+            results["new"] = exc.code()
+        worker.join(timeout=60)
+    assert proc.wait(timeout=60) == 0
+    assert results["slow"] == 256  # the in-flight request finished with all its results
+    assert results["new"] != "accepted"  # new calls are refused while draining
+    assert results["health"] in (health_pb2.HealthCheckResponse.NOT_SERVING, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_sigkill_loses_at_most_the_unflushed_audit_batch(demo_models, cnn_baseline, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    proc, port = _start_subprocess_server(demo_models, cnn_baseline[0], tmp_path,
+                                          ("ADVDETECT_AUDIT_LOG_PATH", str(audit)),
+                                          ("ADVDETECT_AUDIT_FLUSH_INTERVAL_S", "0.1"),
+                                          ("ADVDETECT_AUDIT_FLUSH_BATCH_SIZE", "8"))
+    x = load_dataset("digits:test").x[:32]
+    noisy = np.clip(x + np.random.default_rng(1).normal(0, 0.7, x.shape), 0, 1).astype(np.float32)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = detector_pb2_grpc.DetectorStub(channel)
+        first = stub.Detect(detector_pb2.DetectRequest(inputs=tensor_to_proto(noisy), request_id="before-kill"))
+        n_flagged = sum(bool(r.flags) for r in first.results)
+        time.sleep(1.0)  # several flush intervals: the first request's records are durable
+        stub.Detect(detector_pb2.DetectRequest(inputs=tensor_to_proto(noisy), request_id="racing-kill"))
+    proc.kill()
+    proc.wait(timeout=30)
+    reader = AuditReader(audit)
+    records = list(reader)
+    assert n_flagged >= 16
+    assert sum(r["request_id"] == "before-kill" for r in records) == n_flagged
+    assert reader.torn_lines <= 1
+    assert all(r["request_id"] in ("before-kill", "racing-kill") for r in records)
+
+
+def test_serving_path_does_not_import_torch():
+    code = ("import sys, service.server, service.servicers, service.core, detector.pipeline; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
