@@ -5,8 +5,9 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 BUILD  := build
 MODELS := $(BUILD)/models
+BASELINE := $(BUILD)/baselines/digits_cnn
 
-.PHONY: install demo test bench models clean
+.PHONY: install demo serve test bench models baseline clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,15 +24,27 @@ $(MODELS)/digits_cnn.onnx: $(STAMP)
 
 models: $(MODELS)/digits_cnn.onnx
 
-demo: models
-	$(VENV)/bin/advdetect layers --model $(MODELS)/digits_cnn.onnx
-	@echo "demo: models are in $(MODELS)/. Calibration, serving and traffic arrive with the next issues."
+$(BASELINE)/manifest.json: $(MODELS)/digits_cnn.onnx
+	$(VENV)/bin/advdetect calibrate --model $(MODELS)/digits_cnn.onnx --data digits:calib --out $(BASELINE)
+
+baseline: $(BASELINE)/manifest.json
+
+# Serve the digits CNN, send clean then adversarial traffic, print what was flagged, stop the server.
+demo: baseline
+	$(PY) -m service.demo --models $(MODELS) --baseline $(BASELINE)
+
+# Keep the server up (Ctrl-C or SIGTERM drains it).
+serve: baseline
+	$(VENV)/bin/advdetect serve --model $(MODELS)/digits_cnn.onnx --baseline $(BASELINE)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Benchmarks write bench/results/*.md (topology speed, detection quality, gRPC load).
 bench: $(STAMP)
-	@ls bench/*.py >/dev/null 2>&1 && for b in bench/*.py; do $(PY) $$b || exit 1; done || echo "no benchmarks yet"
+	$(PY) bench/topology.py
+	$(PY) bench/quality.py
+	$(PY) bench/load.py
 
 clean:
 	rm -rf $(BUILD) .pytest_cache

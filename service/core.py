@@ -19,7 +19,7 @@ import uuid
 
 import numpy as np
 
-from detector import DetectionBatch, Detector, InvalidInput, NotReady
+from detector import Capture, DetectionBatch, Detector, InvalidInput, NotReady
 from service.audit import AuditLog
 from service.errors import ModelNotFound
 from service.metrics import ServiceMetrics
@@ -96,12 +96,23 @@ class DetectionCore:
         """The input shape with -1 for the batch dimension."""
         return [-1, *(-1 if d is None else int(d) for d in self.detector.model.input_shape)]
 
-    def detect(self, x: np.ndarray, request_id: str = "", fpr: float | None = None) -> tuple[DetectionBatch, str]:
-        """Score a batch; record metrics, audit flagged inputs, feed the window. Returns the batch and request id."""
+    def _check_batch(self, x: np.ndarray) -> None:
         if not self.ready:
             raise NotReady("the model is not loaded yet, or the server is shutting down")
         if len(x) > self.max_batch_size:
             raise InvalidInput(f"batch of {len(x)} inputs exceeds the maximum batch size {self.max_batch_size}")
+
+    def classify(self, x: np.ndarray) -> Capture:
+        """Prediction only (detection off): the ONNX Runtime pass, counted in ``advdetect_inputs_total``."""
+        self._check_batch(x)
+        with self.metrics.stage_timer("inference"):
+            capture = self.detector.classify(x)
+        self.metrics.inputs_total.inc(len(capture))
+        return capture
+
+    def detect(self, x: np.ndarray, request_id: str = "", fpr: float | None = None) -> tuple[DetectionBatch, str]:
+        """Score a batch; record metrics, audit flagged inputs, feed the window. Returns the batch and request id."""
+        self._check_batch(x)
         request_id = request_id or uuid.uuid4().hex
         batch = self.detector.detect(x, fpr=fpr)
         for stage, seconds in batch.stage_seconds.items():

@@ -14,8 +14,12 @@ output                 type     meaning
 ``predicted_class``    INT64    [N]
 ``adversarial_score``  FP64     the ``adversarial`` flag's fused statistic (higher = more suspicious)
 ``flags``              BYTES    comma-separated names of the flags raised ("" when none)
-``p_values``           FP64     [N, n_scores], in the order of the model metadata's ``score_names``
+``p_values``           FP64     [N, n_scores], in the order of :attr:`Detector.score_names`
 =====================  =======  ================================================================
+
+A client that asks only for prediction outputs (``logits``, ``probabilities``, ``predicted_class``) gets
+them from the ONNX Runtime pass alone, without detection: the "detection off" path, which the load
+benchmark compares against.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from service.tensors import check_shape, infer_request_arrays, make_infer_respon
 __all__ = ["DetectorServicer", "InferenceServicer", "OIP_OUTPUTS"]
 
 OIP_OUTPUTS = ("logits", "probabilities", "predicted_class", "adversarial_score", "flags", "p_values")
+PREDICTION_OUTPUTS = frozenset({"logits", "probabilities", "predicted_class"})
 
 
 def _check_deadline(context: grpc.ServicerContext) -> None:
@@ -153,7 +158,15 @@ class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
         unknown = [n for n in wanted or () if n not in OIP_OUTPUTS]
         if unknown:
             raise InvalidInput(f"unknown output(s) {unknown}; this model has {', '.join(OIP_OUTPUTS)}")
-        batch, request_id = self.core.detect(x.astype(self.core.detector.model.input_dtype, copy=False), request.id)
+        x = x.astype(self.core.detector.model.input_dtype, copy=False)
+        if wanted is not None and set(wanted) <= PREDICTION_OUTPUTS:
+            capture = self.core.classify(x)
+            prediction = {"logits": capture.logits.astype(np.float32),
+                          "probabilities": capture.probabilities.astype(np.float32),
+                          "predicted_class": capture.predicted}
+            return make_infer_response({n: prediction[n] for n in wanted}, model_name=self.core.model_name,
+                                       request_id=request.id)
+        batch, request_id = self.core.detect(x, request.id)
         det = batch.detections
         names = self.core.detector.score_names
         outputs = {

@@ -122,8 +122,13 @@ def test_tritonclient_calls_the_open_inference_protocol(server):
     flags = [f.decode() for f in result.as_numpy("flags")]
     assert sum("adversarial" in f for f in flags[5:]) >= 4 and sum("adversarial" in f for f in flags[:5]) <= 1
     assert result.as_numpy("p_values").shape == (10, len(server.core.detector.score_names))
+    before = _scrape(server)
     only = client.infer("digits_cnn", [inp], outputs=[triton.InferRequestedOutput("predicted_class")])
+    after = _scrape(server)
     assert only.as_numpy("logits") is None and (only.as_numpy("predicted_class") == predicted).all()
+    topology = ("advdetect_stage_duration_seconds_count", (("stage", "topology"),))
+    assert after[topology] == before[topology]  # prediction-only requests skip detection
+    assert after[("advdetect_inputs_total", ())] - before[("advdetect_inputs_total", ())] == 10
     with pytest.raises(triton.InferenceServerException, match="not served here"):
         client.get_model_metadata("resnet50")
 
