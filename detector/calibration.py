@@ -26,12 +26,12 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import os
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Annotated, Callable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from detector.activation_map import plot_activation_map
@@ -39,7 +39,7 @@ from detector.baseline import write_baseline
 from detector.capture import Capture
 from detector.conformal import ConformalCalibrator, Fusion, split_held_out
 from detector.data import Dataset
-from detector.errors import DataError, InvalidInput
+from detector.errors import DataError
 from detector.graph_features import InducedGraphFeatures
 from detector.induced_graph import InducedGraph
 from detector.introspection import IntrospectionScorer
@@ -60,23 +60,22 @@ MISCLASSIFICATION_SCORES = ("introspection_error", "max_softmax")
 _PACKAGES = ("advdetect", "numpy", "scipy", "onnx", "onnxruntime", "ripser", "scikit-learn", "torch")
 
 
-@dataclass(frozen=True)
-class CalibrationConfig:
-    """Settings of one calibration run.
+class CalibrationConfig(BaseModel):
+    """Settings of one calibration run (validated; unknown fields are refused).
 
     Attributes
     ----------
     layers : list of str or None
         Captured layers (default: every post-activation hidden layer).
-    fprs : tuple of float
+    fprs : tuple of float in (0, 1)
         Target false-positive rates; the first is each flag's default.
     seed : int
         Seed of the splits and of every trained model: the same seed gives the same artifact.
-    fit_fraction : float
+    fit_fraction : float in (0, 1)
         Share of the clean data the scorers are fitted on; the rest is split in half (references, thresholds).
     min_class_count : int
         Class-conditional conformal references need this many per predicted class.
-    top_q : float
+    top_q : float in (0, 1]
         Induced-graph edges kept per layer pair (1 = exact).
     latent_dim : int
         Introspection VAE latent size used for scoring (8: measured better than 2 on digits; the report's
@@ -84,20 +83,22 @@ class CalibrationConfig:
     introspection_hidden : tuple of int
         Widths of the introspection encoder/decoder and estimator layers.
     window_size : int
-        Population monitor window (the service's rolling window).
+        Population monitor window (the service's rolling window keeps at least this many inputs).
     progress : bool
         Show progress bars.
     """
 
-    layers: Sequence[str] | None = None
-    fprs: tuple[float, ...] = (0.01, 0.05)
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    layers: list[str] | None = None
+    fprs: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = Field((0.01, 0.05), min_length=1)
     seed: int = 0
-    fit_fraction: float = 0.5
-    min_class_count: int = 50
-    top_q: float = 1.0
-    latent_dim: int = 8
+    fit_fraction: float = Field(0.5, gt=0, lt=1)
+    min_class_count: int = Field(50, ge=1)
+    top_q: float = Field(1.0, gt=0, le=1)
+    latent_dim: int = Field(8, ge=1)
     introspection_hidden: tuple[int, ...] = (128, 128)
-    window_size: int = 128
+    window_size: int = Field(128, ge=8)
     progress: bool = True
 
 
@@ -138,11 +139,9 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
               config: CalibrationConfig = CalibrationConfig()) -> Manifest:
     """Calibrate a baseline for the classifier at ``model_path`` on clean ``data`` and write it to ``out``.
 
-    Returns the manifest written. Raises :class:`~detector.errors.InvalidInput` or
+    Returns the manifest written. Raises :class:`~detector.errors.ModelError` or
     :class:`~detector.errors.DataError` for unusable settings or data (a message says which).
     """
-    if not config.fprs or any(not 0 < f < 1 for f in config.fprs):
-        raise InvalidInput(f"target false-positive rates must lie in (0, 1), got {list(config.fprs)}")
     model = OnnxClassifier(model_path, capture=config.layers)
     hidden = list(model.capture)
     model.validate(data.x[:1])

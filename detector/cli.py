@@ -75,9 +75,15 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from detector.calibration import CalibrationConfig, calibrate
     from detector.data import load_dataset
 
+    from pydantic import ValidationError
+
+    try:
+        config = CalibrationConfig(layers=args.layers, fprs=args.fpr, seed=args.seed, top_q=args.top_q,
+                                   latent_dim=args.latent_dim, progress=not args.quiet)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise AdvDetectError(f"invalid calibration settings: {problems}") from None
     data = load_dataset(args.data)
-    config = CalibrationConfig(layers=args.layers, fprs=args.fpr, seed=args.seed, top_q=args.top_q,
-                               latent_dim=args.latent_dim, progress=not args.quiet)
     manifest = calibrate(args.model, data, args.out, config)
     print(f"baseline {manifest.version} written to {args.out}")
     print(f"  data: {manifest.data.spec}, {manifest.data.n_samples} inputs (fit {manifest.data.n_fit}, "

@@ -134,3 +134,10 @@ def test_cli_calibrate_rejects_too_little_data(demo_models, tmp_path, capsys):
                  "--out", str(tmp_path / "b"), "--quiet"])
     assert code == 2
     assert "too few" in capsys.readouterr().err
+
+
+def test_cli_calibrate_rejects_bad_settings(demo_models, tmp_path, capsys):
+    code = main(["calibrate", "--model", str(demo_models / "digits_cnn.onnx"), "--data", "digits:calib",
+                 "--out", str(tmp_path / "b"), "--fpr", "0.01,1.5", "--top-q", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "invalid calibration settings" in err and "fprs.1" in err and "top_q" in err
