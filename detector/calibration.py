@@ -140,7 +140,7 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     """Calibrate a baseline for the classifier at ``model_path`` on clean ``data`` and write it to ``out``.
 
     Returns the manifest written. Raises :class:`~detector.errors.ModelError` or
-    :class:`~detector.errors.DataError` for unusable settings or data (a message says which).
+    :class:`~detector.errors.DataError` for an unusable model or data (a message says which).
     """
     model = OnnxClassifier(model_path, capture=config.layers)
     hidden = list(model.capture)
