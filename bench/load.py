@@ -25,36 +25,27 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import RESULTS, ROOT, digits_cnn, lenet5, mnist_splits  # noqa: E402  (puts ROOT on sys.path)
 
-from detector import Dataset, load_dataset  # noqa: E402
+from detector import load_dataset  # noqa: E402
 
-MODELS = ROOT / "build" / "models"
 BASELINES = ROOT / "build" / "baselines"
-MNIST = ROOT.parent / "shared" / "data" / "mnist"
 
 
 def _prepare() -> dict[str, tuple[Path, Path, np.ndarray]]:
     """(model, baseline, inputs) per model; trains and calibrates what is missing."""
     from detector.calibration import CalibrationConfig, calibrate
-    from detector.offline.demo_models import build_demo_models, train_lenet5
 
-    if not (MODELS / "digits_cnn.onnx").is_file():
-        build_demo_models(MODELS)
-    mnist = load_dataset(str(MNIST))
-    if not (MODELS / "lenet5.onnx").is_file():
-        train_lenet5(Dataset(mnist.x[:6000], mnist.y[:6000], "mnist[:6000]"),
-                     Dataset(mnist.x[8000:], mnist.y[8000:], "mnist[8000:]"), MODELS)
-    jobs = {"digits_cnn": (load_dataset("digits:calib"), load_dataset("digits:test").x),
-            "lenet5": (Dataset(mnist.x[6000:8000], mnist.y[6000:8000], "mnist[6000:8000]"), mnist.x[8000:8500])}
+    mnist = mnist_splits()
+    jobs = {"digits_cnn": (digits_cnn()[0], load_dataset("digits:calib"), load_dataset("digits:test").x),
+            "lenet5": (lenet5()[0], mnist["calib"], mnist["eval"].x[:500])}
     out = {}
-    for name, (calib, inputs) in jobs.items():
+    for name, (model, calib, inputs) in jobs.items():
         baseline = BASELINES / name
         if not (baseline / "manifest.json").is_file():
             print(f"[load] calibrating {name} ...", flush=True)
-            calibrate(MODELS / f"{name}.onnx", calib, baseline, CalibrationConfig(progress=False))
-        out[name] = (MODELS / f"{name}.onnx", baseline, inputs)
+            calibrate(model, calib, baseline, CalibrationConfig(progress=False))
+        out[name] = (model, baseline, inputs)
     return out
 
 
@@ -139,7 +130,7 @@ def main() -> None:
     for name, callers, on, off in rows:
         lines.append(f"| {name} | {callers} | {on['p50_ms'] - off['p50_ms']:.2f} | {on['rps'] / off['rps']:.2f} |")
     text = "\n".join(lines) + "\n"
-    out = ROOT / "bench" / "results" / "load.md"
+    out = RESULTS / "load.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

@@ -14,15 +14,13 @@ Run: ``make bench`` or ``.venv/bin/python bench/topology.py``; writes ``bench/re
 from __future__ import annotations
 
 import platform
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import RESULTS, ROOT, digits_cnn, lenet5, mnist_splits  # noqa: E402  (puts ROOT on sys.path)
 
 from detector import Dataset, OnnxClassifier, load_dataset  # noqa: E402
 from detector.betti import betti_density_signature  # noqa: E402
@@ -31,29 +29,19 @@ from detector.induced_graph import InducedGraph  # noqa: E402
 from detector.persistence import h0_persistence  # noqa: E402
 from detector.scorers.topology import InducedPersistenceScorer  # noqa: E402
 
-MODELS = ROOT / "build" / "models"
-MNIST = ROOT.parent / "shared" / "data" / "mnist"
 N_TIMED = 1000
 Q_VALUES = (1.0, 0.5, 0.25, 0.1)
 
 
 def _models() -> dict[str, tuple[Path, Dataset, Dataset, Dataset]]:
     """(onnx path, calibration data, evaluation data, timing data) per model; builds what is missing."""
-    from detector.offline.demo_models import build_demo_models, train_lenet5
-
-    if not (MODELS / "digits_cnn.onnx").is_file():
-        build_demo_models(MODELS)
-    mnist = load_dataset(str(MNIST))
-    if not (MODELS / "lenet5.onnx").is_file():
-        train_lenet5(Dataset(mnist.x[:6000], mnist.y[:6000], "mnist[:6000]"),
-                     Dataset(mnist.x[8000:], mnist.y[8000:], "mnist[8000:]"), MODELS)
     digits = load_dataset("digits")
+    mnist = mnist_splits()
     return {
-        "digits_cnn": (MODELS / "digits_cnn.onnx", load_dataset("digits:calib"), load_dataset("digits:test"),
+        "digits_cnn": (digits_cnn()[0], load_dataset("digits:calib"), load_dataset("digits:test"),
                        Dataset(digits.x[:N_TIMED], digits.y[:N_TIMED], "digits[:1000]")),
-        "lenet5": (MODELS / "lenet5.onnx", Dataset(mnist.x[6000:8000], mnist.y[6000:8000], "mnist[6000:8000]"),
-                   Dataset(mnist.x[8000:8500], mnist.y[8000:8500], "mnist[8000:8500]"),
-                   Dataset(mnist.x[8000:9000], mnist.y[8000:9000], "mnist[8000:9000]")),
+        "lenet5": (lenet5()[0], mnist["calib"], Dataset(mnist["eval"].x[:500], mnist["eval"].y[:500], "mnist[8000:8500]"),
+                   Dataset(mnist["eval"].x[:N_TIMED], mnist["eval"].y[:N_TIMED], "mnist[8000:9000]")),
     }
 
 
@@ -134,7 +122,7 @@ def main() -> None:
         change = max(abs(a[q] - a[1.0]) for q in Q_VALUES)
         lines.append(f"| {name} | " + " | ".join(f"{a[q]:.4f}" for q in Q_VALUES) + f" | {change:.4f} |")
     text = "\n".join(lines) + "\n"
-    out = ROOT / "bench" / "results" / "topology.md"
+    out = RESULTS / "topology.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

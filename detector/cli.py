@@ -203,7 +203,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fpr", type=_floats, default=(0.01, 0.05), help="target false-positive rates (default 0.01,0.05)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-q", type=float, default=1.0, help="induced-graph edges kept per layer pair (default 1 = exact)")
-    p.add_argument("--latent-dim", type=int, default=2, help="introspection VAE latent size (default 2)")
+    p.add_argument("--latent-dim", type=int, default=8, help="introspection VAE latent size (default 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_calibrate)
 

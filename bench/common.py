@@ -1,0 +1,55 @@
+"""What every benchmark shares: the models under ``build/models`` and the data splits they use.
+
+- digits CNN: trained on ``digits:train`` (``build_demo_models``), calibrated on ``digits:calib``,
+  evaluated on ``digits:test``;
+- LeNet-5: trained on MNIST test-set images [0, 6000) (``train_lenet5``), calibrated on [6000, 8000),
+  evaluated on [8000, 10000) (``../shared/data/mnist`` is the t10k set).
+
+Models are built when missing, so any benchmark runs on a fresh clone.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from detector import Dataset, load_dataset  # noqa: E402
+
+MODELS = ROOT / "build" / "models"
+RESULTS = ROOT / "bench" / "results"
+MNIST = ROOT.parent / "shared" / "data" / "mnist"
+N_TRAIN, N_CALIB_END = 6000, 8000
+
+
+def _part(data: Dataset, start: int, stop: int) -> Dataset:
+    return Dataset(data.x[start:stop], data.y[start:stop], f"mnist[{start}:{stop}]")
+
+
+def digits_cnn() -> tuple[Path, Path]:
+    """The digits CNN's ONNX and TorchScript files (built with the demo models when missing)."""
+    if not (MODELS / "digits_cnn.onnx").is_file() or not (MODELS / "digits_cnn.pt").is_file():
+        from detector.offline.demo_models import build_demo_models
+
+        build_demo_models(MODELS)
+    return MODELS / "digits_cnn.onnx", MODELS / "digits_cnn.pt"
+
+
+def mnist_splits() -> dict[str, Dataset]:
+    """The MNIST test set cut into ``train`` [0, 6000), ``calib`` [6000, 8000) and ``eval`` [8000, 10000)."""
+    mnist = load_dataset(str(MNIST))
+    return {"train": _part(mnist, 0, N_TRAIN), "calib": _part(mnist, N_TRAIN, N_CALIB_END),
+            "eval": _part(mnist, N_CALIB_END, len(mnist))}
+
+
+def lenet5() -> tuple[Path, Path]:
+    """LeNet-5's ONNX and TorchScript files (trained on the ``train`` split when missing)."""
+    if not (MODELS / "lenet5.onnx").is_file() or not (MODELS / "lenet5.pt").is_file():
+        from detector.offline.demo_models import train_lenet5
+
+        splits = mnist_splits()
+        train_lenet5(splits["train"], splits["eval"], MODELS)
+    return MODELS / "lenet5.onnx", MODELS / "lenet5.pt"
