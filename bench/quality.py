@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 
 from common import N_TRAIN, RESULTS, ROOT, digits_cnn, lenet5, mnist_splits  # noqa: E402  (puts ROOT on sys.path)
 

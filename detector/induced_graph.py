@@ -29,7 +29,7 @@ import numpy as np
 
 from detector.capture import Capture
 from detector.errors import ModelError
-from detector.reference_ops import conv_windows, pool_output_size
+from detector.reference_ops import conv_windows
 from detector.structure import (
     Activation,
     AvgPool,

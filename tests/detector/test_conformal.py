@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from scipy.stats import chi2
 
-from detector import Capture, InvalidInput, NotReady, OnnxClassifier
+from detector import InvalidInput, NotReady, OnnxClassifier
 from detector.conformal import FUSION_METHODS, ConformalCalibrator, Fusion, split_held_out
 from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScorer
 
