@@ -33,7 +33,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -216,7 +216,7 @@ def run_case(case: Case, config: CalibrationConfig) -> dict:
     (RESULTS / f"quality-{case.name}.md").write_text(text)
     shutil.copyfile(work / "eval" / "results.json", RESULTS / f"quality-{case.name}.json")
     (work / "run.json").write_text(json.dumps({"seconds": seconds, "attacks": attack_info,
-                                               "config": asdict(config)}, indent=2, default=str) + "\n")
+                                               "config": config.model_dump()}, indent=2, default=str) + "\n")
     _say(f"{case.name}: done in {seconds / 60:.1f} min -> {RESULTS / f'quality-{case.name}.md'}")
     print("\n".join(lines), flush=True)
     return result.table
