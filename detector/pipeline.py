@@ -126,7 +126,11 @@ class Detector:
         population = None
         if manifest.population:
             own = {k.removeprefix("population/"): v for k, v in arrays.items() if k.startswith("population/")}
-            population = PopulationMonitor.from_state(dict(manifest.population), own)
+            try:
+                population = PopulationMonitor.from_state(dict(manifest.population), own)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise BaselineError(f"{baseline_dir}: the population monitor's state is missing or corrupt ({exc!r}); "
+                                    "recalibrate the baseline") from None
         extra = [t for s in scorers for t in s.required_tensors()]
         model.set_capture(list(dict.fromkeys(manifest.model.captured_layers + extra)), intra_op_threads=intra_op_threads)
         return cls(model, manifest, scorers, calibrators, population)

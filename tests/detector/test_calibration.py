@@ -112,6 +112,11 @@ def test_newer_schema_missing_and_corrupt_files_are_refused(demo_models, cnn_bas
     shutil.copy(cnn_baseline[0] / "arrays.npz", broken / "arrays.npz")
     with pytest.raises(BaselineError, match="introspection.onnx is missing"):
         Detector.load(model, broken)
+    arrays = dict(np.load(cnn_baseline[0] / "arrays.npz"))
+    np.savez(broken / "arrays.npz", **{k: v for k, v in arrays.items() if k != "population/threshold_mean"})
+    shutil.copy(cnn_baseline[0] / "introspection.onnx", broken / "introspection.onnx")
+    with pytest.raises(BaselineError, match="population monitor's state is missing or corrupt"):
+        Detector.load(model, broken)
     with pytest.raises(BaselineError, match="baseline directory not found"):
         Detector.load(model, tmp_path / "nowhere")
 
