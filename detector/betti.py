@@ -38,6 +38,7 @@ __all__ = [
     "correlation_distance",
     "density_thresholds",
     "population_betti_curves",
+    "population_signature",
 ]
 
 #: Densities of the per-input signature: 16 log-spaced values from 1e-3 to 1. An induced graph has
@@ -609,9 +610,29 @@ def population_betti_curves(
     on 64 nodes at density 0.5 runs in tens of milliseconds; it grows roughly like n^5, so keep the
     node budget near the default.
     """
+    return population_signature(node_values, densities, max_dim, normalize=normalize)[0]
+
+
+def population_signature(
+    node_values: np.ndarray,
+    densities: np.ndarray = DEFAULT_POPULATION_DENSITIES,
+    max_dim: int = 3,
+    *,
+    normalize: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Population Betti curves and the distance thresholds at which each density is reached.
+
+    Returns
+    -------
+    curves : ndarray of shape (max_dim, n_densities), float64
+        As :func:`population_betti_curves`.
+    thresholds : ndarray of shape (n_densities,), float64
+        The filtration value 1 - |c| of the binary graph at each density (:func:`density_thresholds`):
+        how strongly the nodes co-vary, a scale that the density-indexed curves normalise away.
+    """
     distance = correlation_distance(node_values)
     thresholds = density_thresholds(distance, densities)
     betti = clique_complex_betti(distance, thresholds, max_dim=max_dim).astype(np.float64)
     if normalize:
         betti /= distance.shape[0]
-    return betti
+    return betti, thresholds

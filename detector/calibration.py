@@ -212,7 +212,7 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
         arrays.update(cal.get_state(f"conformal/{name}/"))
     pop_params, pop_arrays = population.get_state()
     arrays.update({f"population/{k}": v for k, v in pop_arrays.items()})
-    train_acc = float(np.mean(capture.predicted == data.y))
+    accuracy = float(np.mean(capture.predicted == data.y))  # on the whole clean calibration data
     manifest = Manifest(
         tool_version=_versions().get("advdetect", "0"),
         created_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
@@ -224,7 +224,7 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
         conformal_min_class_count=config.min_class_count,
         flags=rules,
         population=pop_params,
-        heldout_metrics={"accuracy": train_acc,
+        heldout_metrics={"accuracy": accuracy,
                          **{f"{r.name}_fpr@{t.target_fpr}": t.heldout_fpr for r in rules for t in r.thresholds}},
         package_versions=_versions(),
     )

@@ -15,7 +15,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -194,7 +193,7 @@ class Detector:
         thresholds = {rule.name: self._threshold(rule, fpr) for rule in self.manifest.flags}
         seconds = {stage: 0.0 for stage in STAGES}
         t0 = time.perf_counter()
-        capture = self.model.run(x)
+        capture = self.classify(x)
         seconds["inference"] = time.perf_counter() - t0
         scores = self.raw_scores(capture, seconds)
         t0 = time.perf_counter()
@@ -223,8 +222,3 @@ class Detector:
         if self.population is None:
             return None
         return self.population.node_values(capture.activations)
-
-
-def model_name_of(path: str | os.PathLike[str]) -> str:
-    """Default model name: the ONNX file's stem."""
-    return Path(path).stem

@@ -26,13 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from detector.betti import (
-    DEFAULT_POPULATION_DENSITIES,
-    NodeSelector,
-    clique_complex_betti,
-    correlation_distance,
-    density_thresholds,
-)
+from detector.betti import DEFAULT_POPULATION_DENSITIES, NodeSelector, population_signature
 from detector.errors import InvalidInput, NotReady
 
 __all__ = ["PopulationMonitor"]
@@ -94,10 +88,7 @@ class PopulationMonitor:
 
     def signature(self, node_values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Betti curves (max_dim, n_densities) and density thresholds (n_densities,) of one window."""
-        distance = correlation_distance(node_values)
-        thresholds = density_thresholds(distance, np.asarray(self.densities))
-        curves = clique_complex_betti(distance, thresholds, max_dim=self.max_dim) / distance.shape[0]
-        return curves, thresholds
+        return population_signature(node_values, np.asarray(self.densities), self.max_dim)
 
     def _score(self, curves: np.ndarray, thresholds: np.ndarray) -> float:
         betti = np.abs(curves - self.reference_mean_).sum() / self.reference_scale_[0]

@@ -15,13 +15,13 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
 from detector import Detector
-from detector.pipeline import model_name_of
 from service.audit import AuditLog
 from service.core import DetectionCore
 from service.errors import ServiceInterceptor
@@ -92,7 +92,7 @@ def create_server(settings: ServiceSettings, registry: CollectorRegistry | None 
     audit = AuditLog.from_settings(settings)
     if audit is not None:
         audit.start()
-    core = DetectionCore(detector, settings.model_name or model_name_of(settings.model_path), metrics, audit,
+    core = DetectionCore(detector, settings.model_name or Path(settings.model_path).stem, metrics, audit,
                          max_batch_size=settings.max_batch_size, window_size=settings.population_window_size)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="advdetect"),

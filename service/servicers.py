@@ -30,7 +30,7 @@ from typing import Iterator
 import grpc
 import numpy as np
 
-from detector import AdvDetectError, InvalidInput
+from detector import AdvDetectError, Capture, InvalidInput
 from service.core import DetectionCore
 from service.errors import status_for
 from service.protocol import DetectOptions, detector_pb2, detector_pb2_grpc, oip_pb2, oip_pb2_grpc
@@ -40,6 +40,12 @@ __all__ = ["DetectorServicer", "InferenceServicer", "OIP_OUTPUTS"]
 
 OIP_OUTPUTS = ("logits", "probabilities", "predicted_class", "adversarial_score", "flags", "p_values")
 PREDICTION_OUTPUTS = frozenset({"logits", "probabilities", "predicted_class"})
+
+
+def _prediction_outputs(capture: Capture) -> dict[str, np.ndarray]:
+    """The prediction outputs of an ONNX Runtime pass (what the "detection off" path returns)."""
+    return {"logits": capture.logits.astype(np.float32), "probabilities": capture.probabilities.astype(np.float32),
+            "predicted_class": capture.predicted}
 
 
 def _check_deadline(context: grpc.ServicerContext) -> None:
@@ -160,23 +166,16 @@ class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
             raise InvalidInput(f"unknown output(s) {unknown}; this model has {', '.join(OIP_OUTPUTS)}")
         x = x.astype(self.core.detector.model.input_dtype, copy=False)
         if wanted is not None and set(wanted) <= PREDICTION_OUTPUTS:
-            capture = self.core.classify(x)
-            prediction = {"logits": capture.logits.astype(np.float32),
-                          "probabilities": capture.probabilities.astype(np.float32),
-                          "predicted_class": capture.predicted}
-            return make_infer_response({n: prediction[n] for n in wanted}, model_name=self.core.model_name,
-                                       request_id=request.id)
-        batch, request_id = self.core.detect(x, request.id)
-        det = batch.detections
-        names = self.core.detector.score_names
-        outputs = {
-            "logits": batch.capture.logits.astype(np.float32),
-            "probabilities": np.stack([d.probabilities for d in det]).astype(np.float32),
-            "predicted_class": np.array([d.predicted_class for d in det], dtype=np.int64),
-            "adversarial_score": np.array([d.statistics.get("adversarial", np.nan) for d in det], dtype=np.float64),
-            "flags": np.array([",".join(d.flags) for d in det], dtype=object),
-            "p_values": np.array([[d.p_values[n] for n in names] for d in det], dtype=np.float64),
-        }
+            outputs, request_id = _prediction_outputs(self.core.classify(x)), request.id
+        else:
+            batch, request_id = self.core.detect(x, request.id)
+            det = batch.detections
+            names = self.core.detector.score_names
+            outputs = _prediction_outputs(batch.capture) | {
+                "adversarial_score": np.array([d.statistics.get("adversarial", np.nan) for d in det], dtype=np.float64),
+                "flags": np.array([",".join(d.flags) for d in det], dtype=object),
+                "p_values": np.array([[d.p_values[n] for n in names] for d in det], dtype=np.float64),
+            }
         if wanted is not None:
             outputs = {n: outputs[n] for n in wanted}
         return make_infer_response(outputs, model_name=self.core.model_name, request_id=request_id)

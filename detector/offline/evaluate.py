@@ -28,6 +28,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from tqdm.auto import tqdm
 
 from detector.data import Dataset
+from detector.errors import InvalidInput
 from detector.offline.attacks import run_attack
 from detector.pipeline import Detector
 
@@ -53,14 +54,17 @@ class EvaluationResult:
     scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
 
 
-def _detector_scores(detector: Detector, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+def _detector_scores(detector: Detector, x: np.ndarray, batch_size: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Every raw score and each flag's fused statistic (``fused_<flag>``), and the predicted classes."""
     parts: list[dict[str, np.ndarray]] = []
+    predicted = []
     for start in range(0, len(x), batch_size):
         capture = detector.classify(x[start : start + batch_size])
         raw = detector.raw_scores(capture)
         stats = detector.statistics(detector.p_values(raw, capture.predicted))
         parts.append(raw | {f"fused_{k}": v for k, v in stats.items()})
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        predicted.append(capture.predicted)
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, np.concatenate(predicted)
 
 
 def _row(clean: dict[str, np.ndarray], positive: dict[str, np.ndarray], fused_key: str) -> dict[str, dict[str, float]]:
@@ -83,9 +87,8 @@ def evaluate(detector: Detector, torch_model: torch.nn.Module, data: Dataset, at
     """Run the attacks on ``data``'s correctly classified inputs and score everything with ``detector``."""
     unknown = [a for a in attacks if a not in ATTACK_NAMES]
     if unknown:
-        raise ValueError(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACK_NAMES)} or 'all'")
-    all_scores = _detector_scores(detector, data.x)
-    predicted = detector.classify(data.x).predicted
+        raise InvalidInput(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACK_NAMES)} or all")
+    all_scores, predicted = _detector_scores(detector, data.x)
     correct = predicted == data.y
     clean = {k: v[correct] for k, v in all_scores.items()}
     table: dict = {"model": model_name, "n_clean": int(correct.sum()), "attacks": {}}
@@ -98,7 +101,7 @@ def evaluate(detector: Detector, torch_model: torch.nn.Module, data: Dataset, at
         else:
             result = run_attack(name, torch_model, x_ok, y_ok)
             chosen = np.ones(len(x_ok), bool) if name == "noise" else result.success
-            positive = _detector_scores(detector, result.x_adv[chosen]) if chosen.any() else {k: v[:0] for k, v in clean.items()}
+            positive = _detector_scores(detector, result.x_adv[chosen])[0] if chosen.any() else {k: v[:0] for k, v in clean.items()}
             rate, fused_key, n = result.success_rate, "fused_adversarial", int(chosen.sum())
         table["attacks"][name] = {"success_rate": rate, "n": n, "detectors": _row(clean, positive, fused_key)}
         kept[name] = {d: (clean[d if d != "fused" else fused_key], positive[d if d != "fused" else fused_key])
