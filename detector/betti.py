@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import numba
 import numpy as np
 
 from detector.errors import BaselineError, InvalidInput, NotReady
@@ -33,12 +34,15 @@ __all__ = [
     "DEFAULT_POPULATION_DENSITIES",
     "NodeSelector",
     "betti_density_signature",
+    "betti_signature_from_weights",
+    "check_densities",
     "clique_complex_betti",
     "clique_counts",
     "correlation_distance",
     "density_thresholds",
     "population_betti_curves",
     "population_signature",
+    "strongest_cuts",
 ]
 
 #: Densities of the per-input signature: 16 log-spaced values from 1e-3 to 1. An induced graph has
@@ -59,7 +63,8 @@ DEFAULT_NODE_BUDGET = 64
 _MAX_CLIQUE_TABLE = 200_000_000
 
 
-def _check_densities(densities: Any) -> np.ndarray:
+def check_densities(densities: Any) -> np.ndarray:
+    """A density grid as a float64 array, or InvalidInput unless it is non-empty, 1-D, finite and in (0, 1]."""
     rho = np.atleast_1d(np.asarray(densities, dtype=np.float64))
     if rho.ndim != 1 or rho.size == 0 or not np.all(np.isfinite(rho)):
         raise InvalidInput(f"densities must be a non-empty 1-D array of finite numbers, got {densities!r}")
@@ -131,7 +136,7 @@ def betti_density_signature(
     the number of nodes; so do we, which makes signatures of different models comparable.
     """
     n, edges, weights = check_graph(n_vertices, edges, weights)
-    rho = _check_densities(densities)
+    rho = check_densities(densities)
     if diagram is None:
         diagram = h0_persistence(n, edges, weights)
     elif not isinstance(diagram, H0Diagram) or diagram.n_vertices != n:
@@ -139,22 +144,114 @@ def betti_density_signature(
             f"diagram must be the H0Diagram of this {n}-vertex graph, got "
             f"{getattr(diagram, 'n_vertices', type(diagram).__name__)!r} vertices"
         )
-    out = np.empty((2, rho.shape[0]), dtype=np.float64)
-    ascending = np.sort(weights[weights > 0])
-    m = ascending.shape[0]
-    if m == 0:
+    return betti_signature_from_weights(n, weights, diagram.deaths, rho)
+
+
+def betti_signature_from_weights(
+    n_vertices: int, weights: np.ndarray, deaths: np.ndarray, densities: np.ndarray
+) -> np.ndarray:
+    """:func:`betti_density_signature` from the edge weights and the H0 deaths alone (no validation).
+
+    ``weights`` holds every edge's weight (zeros are absent edges; edges may be listed in any
+    order), ``deaths`` the graph's H0 deaths in descending order, ``densities`` a checked grid.
+    This is what the per-input features call, with the weights of the whole induced graph and the
+    deaths of its maximum spanning forest, which need no edge list.
+    """
+    n = int(n_vertices)
+    out = np.empty((2, densities.shape[0]), dtype=np.float64)
+    cut, n_edges = strongest_cuts(weights, densities)
+    if cut.shape[0] == 0:  # no non-zero edge
         out[0] = 1.0
         out[1] = 0.0
         return out
-    cut = ascending[m - _kept_count(rho, m)]
-    n_edges = m - np.searchsorted(ascending, cut, side="left")
-    deaths_ascending = np.asarray(diagram.deaths, dtype=np.float64)[::-1]
+    deaths_ascending = np.asarray(deaths, dtype=np.float64)[::-1]
     n_merges = deaths_ascending.shape[0] - np.searchsorted(deaths_ascending, cut, side="left")
     beta0 = n - n_merges
     beta1 = n_edges - n + beta0
     out[0] = beta0 / n
     out[1] = beta1 / n
     return out
+
+
+# Buckets of the selection histogram: the top 15 bits of a non-negative float32 (the sign bit is 0):
+# exponent and 7 mantissa bits, i.e. log-spaced bins 1/128 of an octave wide.
+_BUCKET_SHIFT = 16
+_N_BUCKETS = 1 << (31 - _BUCKET_SHIFT)
+
+
+@numba.njit(cache=True, nogil=True)
+def _bucket_counts(bits: np.ndarray) -> np.ndarray:  # pragma: no cover (compiled)
+    """Histogram of the non-zero bit patterns by bucket."""
+    counts = np.zeros(_N_BUCKETS, dtype=np.int64)
+    zeros = 0
+    for x in bits:
+        counts[x >> _BUCKET_SHIFT] += 1
+        zeros += x == 0
+    counts[0] -= zeros
+    return counts
+
+
+@numba.njit(cache=True, nogil=True)
+def _select_descending(weights, bits, counts, ranks):  # pragma: no cover (compiled)
+    """k-th largest positive weight for each k in ``ranks`` (1-based), and how many weights are >= it."""
+    n_ranks = ranks.shape[0]
+    from_top = np.cumsum(counts[::-1])  # weights in the top i + 1 buckets
+    position = np.searchsorted(from_top, ranks)  # first prefix holding the rank
+    bucket = _N_BUCKETS - 1 - position
+    above = from_top[position] - counts[bucket]  # positive weights in the buckets above
+    slot = np.full(_N_BUCKETS, -1, dtype=np.int32)
+    n_slots = 0
+    for j in range(n_ranks):
+        if slot[bucket[j]] < 0:
+            slot[bucket[j]] = n_slots
+            n_slots += 1
+    start = np.zeros(n_slots + 1, dtype=np.int64)
+    for j in range(n_ranks):
+        start[slot[bucket[j]] + 1] = counts[bucket[j]]
+    for k in range(n_slots):
+        start[k + 1] += start[k]
+    fill = start[:-1].copy()
+    values = np.empty(start[n_slots], dtype=weights.dtype)
+    for i in range(bits.shape[0]):
+        k = slot[bits[i] >> _BUCKET_SHIFT]
+        if k >= 0 and bits[i] != 0:
+            values[fill[k]] = weights[i]
+            fill[k] += 1
+    for k in range(n_slots):
+        values[start[k]:start[k + 1]] = np.sort(values[start[k]:start[k + 1]])
+    cut = np.empty(n_ranks, dtype=np.float64)
+    n_kept = np.empty(n_ranks, dtype=np.int64)
+    for j in range(n_ranks):
+        k = slot[bucket[j]]
+        lo, hi = start[k], start[k + 1]
+        c = values[hi - (ranks[j] - above[j])]  # ascending inside the bucket
+        n_kept[j] = above[j] + np.count_nonzero(values[lo:hi] >= c)
+        cut[j] = c
+    return cut, n_kept
+
+
+def strongest_cuts(weights: np.ndarray, densities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weight cuts of a density grid: ``(w_(k), #{e : w_e >= w_(k)})`` for k = ceil(rho m).
+
+    m is the number of positive entries of ``weights`` (float32 or float64, >= 0, any order) and
+    w_(k) the k-th largest of them. Empty arrays when m = 0.
+
+    A selection, not a sort: for x >= 0 the float32 bit pattern is monotone in x, so one pass counts
+    the weights in log-spaced buckets (the pattern's top bits), a second pass gathers only the
+    buckets that hold a requested rank, and those few are sorted. O(m), against O(m log m).
+    """
+    weights = np.ascontiguousarray(weights)
+    if weights.dtype == np.float32:
+        bits = weights.view(np.uint32)
+    else:  # float32 rounding is monotone too; a positive weight must not round to 0
+        narrow = weights.astype(np.float32)
+        narrow[(weights > 0) & (narrow == 0)] = np.float32(1e-45)
+        bits = narrow.view(np.uint32)
+    counts = _bucket_counts(bits)
+    m = int(counts.sum())
+    if m == 0:
+        return np.zeros(0), np.zeros(0, dtype=np.int64)
+    return _select_descending(weights, bits, counts, _kept_count(densities, m))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -569,7 +666,7 @@ def density_thresholds(distance: np.ndarray, densities: np.ndarray) -> np.ndarra
     rho_k = k / #{i < j : |c_ij| > 0}. Uncorrelated pairs (d = 1) never become edges.
     """
     d32 = _check_distance(distance)
-    rho = _check_densities(densities)
+    rho = check_densities(densities)
     n = d32.shape[0]
     pairs = d32[np.triu_indices(n, 1)]
     correlated = np.sort(pairs[pairs < 1.0])

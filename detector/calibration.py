@@ -57,7 +57,7 @@ __all__ = ["ADVERSARIAL_SCORES", "CalibrationConfig", "calibrate", "MISCLASSIFIC
 ADVERSARIAL_SCORES = ("induced_persistence", "betti_density", "introspection_reconstruction", "max_softmax")
 #: Scores that estimate the classifier's own error (the ``likely_misclassified`` flag fuses these).
 MISCLASSIFICATION_SCORES = ("introspection_error", "max_softmax")
-_PACKAGES = ("advdetect", "numpy", "scipy", "onnx", "onnxruntime", "ripser", "scikit-learn", "torch")
+_PACKAGES = ("advdetect", "numpy", "scipy", "numba", "onnx", "onnxruntime", "ripser", "scikit-learn", "torch")
 
 
 class CalibrationConfig(BaseModel):

@@ -2,12 +2,14 @@
 
 For each input of a :class:`~detector.capture.Capture`:
 
-1. weigh the induced graph (:mod:`detector.induced_graph`, optionally keeping the top-q edges per layer pair);
-2. compute its H0 diagram under the superlevel filtration once (:func:`detector.persistence.h0_persistence`);
-3. summarise it (:func:`detector.persistence.h0_features`) for the whole graph and for each layer pair, the
+1. compute the H0 diagram of its induced graph under the superlevel filtration: for the full graph with
+   :class:`detector.induced_forest.InducedForest` (block by block, without listing the edges); with top-q
+   sparsification by weighing the kept edges (:meth:`detector.induced_graph.InducedGraph.edges`) and
+   :func:`detector.persistence.h0_persistence`;
+2. summarise it (:func:`detector.persistence.h0_features`) for the whole graph and for each layer pair, the
    pair's part being the persistent-subgraph (maximum spanning forest) edges that lie in that pair;
-4. read the Betti-density signature beta0(rho), beta1(rho) off the same diagram
-   (:func:`detector.betti.betti_density_signature`).
+3. read the Betti-density signature beta0(rho), beta1(rho) off the same diagram and the edge weights
+   (:func:`detector.betti.betti_signature_from_weights`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Sequence
 
 import numpy as np
 
-from detector.betti import DEFAULT_DENSITIES, betti_density_signature
+from detector.betti import DEFAULT_DENSITIES, betti_signature_from_weights, check_densities
 from detector.capture import Capture
+from detector.induced_forest import InducedForest
 from detector.induced_graph import InducedGraph
-from detector.persistence import DEFAULT_QUANTILES, H0Diagram, h0_feature_names, h0_features, h0_persistence
+from detector.persistence import DEFAULT_QUANTILES, h0_feature_names, h0_features_by_group, h0_persistence
 
 __all__ = ["InducedGraphFeatures"]
 
@@ -49,9 +52,10 @@ class InducedGraphFeatures:
                  quantiles: Sequence[float] = DEFAULT_QUANTILES, p: float = 2.0):
         self.graph = graph
         self.top_q = float(top_q)
-        self.densities = np.asarray(densities, dtype=np.float64)
+        self.densities = check_densities(densities)
         self.quantiles = tuple(float(q) for q in quantiles)
         self.p = float(p)
+        self.forest = InducedForest(graph) if self.top_q == 1.0 else None
         self._last: tuple[Capture, dict[str, np.ndarray]] | None = None
 
     def params(self) -> dict[str, object]:
@@ -74,19 +78,18 @@ class InducedGraphFeatures:
 
     def one(self, capture: Capture, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Persistence features (n_persistence,) and Betti signature (2 * n_densities,) of input ``i``."""
-        g = self.graph.edges(capture, i, top_q=self.top_q)
-        diagram = h0_persistence(g.n_vertices, g.edges, g.weights)
-        parts = [h0_features(diagram, self.quantiles, self.p)]
-        pair_of_merge = np.searchsorted(g.pair_ptr, diagram.merge_index, side="right") - 1
-        for p, pair in enumerate(self.graph.pairs):
-            in_pair = pair_of_merge == p
-            n_local = self.graph.layer_sizes[pair.src_layer] + self.graph.layer_sizes[pair.dst_layer]
-            k = int(in_pair.sum())
-            sub = H0Diagram(deaths=diagram.deaths[in_pair].copy(), merge_edges=None, n_vertices=n_local,
-                            n_components=n_local - k)
-            parts.append(h0_features(sub, self.quantiles, self.p))
-        betti = betti_density_signature(g.n_vertices, g.edges, g.weights, self.densities, diagram=diagram)
-        return np.concatenate(parts), betti.reshape(-1)
+        if self.forest is not None:
+            forest = self.forest.compute(capture, i)
+            diagram, merge_pair, weights = forest.diagram, forest.merge_pair, forest.weights
+        else:
+            g = self.graph.edges(capture, i, top_q=self.top_q)
+            diagram = h0_persistence(g.n_vertices, g.edges, g.weights)
+            merge_pair = np.searchsorted(g.pair_ptr, diagram.merge_index, side="right") - 1
+            weights = g.weights
+        sizes = [self.graph.layer_sizes[pair.src_layer] + self.graph.layer_sizes[pair.dst_layer] for pair in self.graph.pairs]
+        persistence = h0_features_by_group(diagram, merge_pair, np.asarray(sizes), self.quantiles, self.p).reshape(-1)
+        betti = betti_signature_from_weights(self.graph.n_vertices, weights, diagram.deaths, self.densities)
+        return persistence, betti.reshape(-1)
 
     def transform(self, capture: Capture) -> dict[str, np.ndarray]:
         """Features of every input: ``{"persistence": (n, n_persistence), "betti": (n, 2 * n_densities)}``."""

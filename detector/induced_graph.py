@@ -178,7 +178,8 @@ class InducedGraph:
         """One name per layer pair: ``source layer -> target layer``."""
         return [f"{self.layer_names[p.src_layer]}->{self.layer_names[p.dst_layer]}" for p in self.pairs]
 
-    def _source_values(self, capture: Capture, i: int, tensor: str) -> np.ndarray:
+    def source_values(self, capture: Capture, i: int, tensor: str) -> np.ndarray:
+        """Flat values of ``tensor`` (the graph input or a captured activation) for input ``i`` of ``capture``."""
         if tensor == self.input_name:
             return capture.inputs[i].reshape(-1)
         if tensor not in capture.activations:
@@ -206,12 +207,11 @@ class InducedGraph:
         weights = np.empty(len(edges), np.float32)
         ptr = self._static_ptr
         for p, pair in enumerate(self.pairs):
-            h = self._source_values(capture, i, pair.source_tensor)
+            h = self.source_values(capture, i, pair.source_tensor)
             lo, hi = ptr[p], ptr[p + 1]
             if pair.windows is not None:  # max-pool: the arg-max input of each window
-                padded = np.append(h, -np.inf)
-                cand = pair.windows
-                choice = cand[np.arange(len(cand)), np.argmax(padded[cand], axis=1)]
+                padded = np.append(h, -np.inf)  # padding cells point past the end
+                choice = pair.windows[np.arange(len(pair.windows)), np.argmax(padded[pair.windows], axis=1)]
                 edges[lo:hi, 0] = choice + self.offsets[pair.src_layer]
                 weights[lo:hi] = h[choice]
             else:

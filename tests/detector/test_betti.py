@@ -12,6 +12,7 @@ from scipy.sparse.csgraph import connected_components
 from sklearn.datasets import load_digits
 
 from detector.betti import (
+    strongest_cuts,
     DEFAULT_DENSITIES,
     DEFAULT_NODE_BUDGET,
     DEFAULT_POPULATION_DENSITIES,
@@ -129,6 +130,29 @@ def test_signature_matches_components_counted_from_scratch() -> None:
                 beta0 = connected_components(graph, directed=False)[0]
                 expected = (beta0, int(kept.sum()) - n + beta0)
             np.testing.assert_allclose(signature[:, column] * n, expected, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kind", ["continuous", "ties", "huge_range"])
+def test_strongest_cuts_equal_a_full_sort(dtype: type, kind: str) -> None:
+    rng = np.random.default_rng(len(kind))
+    m = 20_000
+    if kind == "continuous":
+        w = rng.exponential(size=m) * rng.exponential(size=m)
+    elif kind == "ties":  # whole buckets of equal weights, and a rank inside them
+        w = rng.integers(1, 6, size=m) / 4
+    else:  # 1e-60 .. 1e30: below float32's smallest subnormal (float64 only) and far above 1
+        w = 10.0 ** rng.uniform(-60 if dtype == np.float64 else -40, 30, size=m)
+    w = w.astype(dtype)
+    w[rng.random(m) < 0.2] = 0.0
+    rho = np.r_[DEFAULT_DENSITIES, 0.5, 1.0 / 3.0]
+    cut, n_kept = strongest_cuts(w, rho)
+    descending = np.sort(w[w > 0])[::-1]
+    k = np.ceil(rho * descending.shape[0] - 1e-9).astype(int)
+    np.testing.assert_array_equal(cut, descending[k - 1].astype(np.float64))
+    np.testing.assert_array_equal(n_kept, [(w >= c).sum() for c in descending[k - 1]])
+    empty_cut, empty_kept = strongest_cuts(np.zeros(5, dtype), rho)
+    assert empty_cut.size == 0 and empty_kept.size == 0
 
 
 def test_signature_validates_its_inputs() -> None:

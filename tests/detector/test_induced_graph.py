@@ -121,3 +121,75 @@ def test_edge_counts_and_weights(demo_models, digits_split_arrays):
         kept = np.sort(sparse.weights[sparse.pair_ptr[p]:sparse.pair_ptr[p + 1]])
         np.testing.assert_array_equal(kept, full[(full >= cut) & (full > 0)])
         assert len(kept) >= int(np.ceil(0.1 * len(full))) or cut == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the block-by-block spanning forest (the features' fast path) against the full edge list
+
+
+def _assert_forest_matches_edges(clf: OnnxClassifier, x: np.ndarray, *, reference: str = "kruskal") -> None:
+    from detector.induced_forest import InducedForest
+    from detector.persistence import h0_persistence, h0_persistence_ripser
+
+    graph = InducedGraph.from_classifier(clf)
+    clf.set_capture(clf.default_capture() + graph.required_tensors)
+    capture = clf.run(x)
+    forest = InducedForest(graph)
+    for i in range(len(x)):
+        g = graph.edges(capture, i)
+        fast = forest.compute(capture, i)
+        full = (h0_persistence_ripser if reference == "ripser" else h0_persistence)(g.n_vertices, g.edges, g.weights)
+        np.testing.assert_array_equal(fast.diagram.deaths, full.deaths)
+        assert fast.diagram.n_components == full.n_components
+        # the forest is a forest of real edges of the graph, of those weights, each in its pair
+        pair_of_edge = np.searchsorted(g.pair_ptr, np.arange(len(g.weights)), side="right") - 1
+        weight_of = {(int(u), int(v), int(p)): w for (u, v), p, w in zip(g.edges, pair_of_edge, g.weights)}
+        for (u, v), p, d in zip(fast.diagram.merge_edges, fast.merge_pair, fast.diagram.deaths):
+            assert weight_of[(int(u), int(v), int(p))] == np.float32(d)
+        np.testing.assert_array_equal(np.sort(fast.weights[fast.weights > 0]), np.sort(g.weights[g.weights > 0]))
+        if reference == "kruskal":  # continuous weights: no ties, so the same edges merge
+            merge_pair = np.searchsorted(g.pair_ptr, full.merge_index, side="right") - 1
+            np.testing.assert_array_equal(np.bincount(fast.merge_pair, minlength=len(graph.pairs)),
+                                          np.bincount(merge_pair, minlength=len(graph.pairs)))
+
+
+def test_forest_matches_the_full_graph_on_every_op_kind(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "strided.onnx"
+    _export(StridedNet(), path, (1, 11, 11))
+    x = np.random.default_rng(2).random((4, 1, 11, 11), dtype=np.float32)
+    x[0, 0, :4] = 0.0  # dead inputs: sources without edges
+    _assert_forest_matches_edges(OnnxClassifier(path), x)
+
+
+def test_forest_matches_ripser_with_massive_ties(tmp_path):
+    # Weights on a grid of 1/4 and inputs in {0, 1/2, 1}: many equal products, within and across blocks.
+    torch.manual_seed(1)
+    model = StridedNet()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.round(parameter * 4) / 4)
+    path = tmp_path / "ties.onnx"
+    _export(model, path, (1, 11, 11))
+    x = (np.random.default_rng(3).integers(0, 3, size=(3, 1, 11, 11)) / 2).astype(np.float32)
+    _assert_forest_matches_edges(OnnxClassifier(path), x, reference="ripser")
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn"])
+def test_forest_matches_the_full_graph_on_demo_models(demo_models, digits_split_arrays, name):
+    _assert_forest_matches_edges(OnnxClassifier(demo_models / f"{name}.onnx"), digits_split_arrays["x_test"][:6])
+
+
+def test_features_fast_path_equals_the_edge_list_path(demo_models, digits_split_arrays):
+    from detector.graph_features import InducedGraphFeatures
+
+    clf = OnnxClassifier(demo_models / "digits_cnn.onnx")
+    graph = InducedGraph.from_classifier(clf)
+    clf.set_capture(clf.default_capture() + graph.required_tensors)
+    capture = clf.run(digits_split_arrays["x_test"][:5])
+    fast = InducedGraphFeatures(graph)
+    listed = InducedGraphFeatures(graph)
+    listed.forest = None  # the top-q path with q = 1: every edge weighed and listed
+    a, b = fast.transform(capture), listed.transform(capture)
+    np.testing.assert_allclose(a["persistence"], b["persistence"], rtol=1e-12, atol=0)
+    np.testing.assert_array_equal(a["betti"], b["betti"])

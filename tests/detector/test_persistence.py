@@ -16,6 +16,7 @@ from detector.persistence import (
     H0Diagram,
     h0_feature_names,
     h0_features,
+    h0_features_by_group,
     h0_persistence,
     h0_persistence_ripser,
 )
@@ -157,39 +158,40 @@ def test_fast_path_matches_ripser_on_random_graphs(kind: str) -> None:
     ("seed", "n", "m", "levels", "zero_fraction"),
     [(0, 300, 20_000, 0, 0.0), (1, 300, 20_000, 5, 0.3), (2, 1_000, 30_000, 50, 0.1)],
 )
-def test_filter_path_matches_ripser_on_large_graphs(
-    seed: int, n: int, m: int, levels: int, zero_fraction: float, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_fast_path_matches_ripser_on_large_graphs(
+    seed: int, n: int, m: int, levels: int, zero_fraction: float, dtype: type
 ) -> None:
     rng = np.random.default_rng(seed)
     edges = rng.integers(0, n, size=(m, 2))
-    weights = rng.integers(1, levels + 1, size=m).astype(np.float64) if levels else rng.random(m)
+    weights = rng.integers(1, levels + 1, size=m).astype(dtype) if levels else rng.random(m).astype(dtype)
     weights[rng.random(m) < zero_fraction] = 0.0
-    batch_sizes: list[int] = []
-    original = persistence._kruskal
-    monkeypatch.setattr(persistence, "_kruskal", lambda *a: batch_sizes.append(len(a[3])) or original(*a))
     fast = h0_persistence(n, edges, weights)
-    # the graph is large enough that the first batch is filtered (a fraction of the edges)
-    assert batch_sizes[0] < np.count_nonzero(weights) / 2
     reference = h0_persistence_ripser(n, edges, weights)
     np.testing.assert_array_equal(fast.deaths, reference.deaths)
     assert fast.n_components == reference.n_components
-    assert_valid_forest(n, edges, weights, fast)
+    assert_valid_forest(n, edges, weights.astype(np.float64), fast)
 
 
-def test_filter_path_matches_ripser_on_layered_induced_graph(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Dead units leave many vertices isolated and the strongest edges cluster on a few hubs, which
-    # needs several filtering rounds (with component labels of scipy's int32 type).
+def test_fast_path_matches_ripser_on_layered_induced_graph() -> None:
+    # Dead units leave many vertices isolated and the strongest edges cluster on a few hubs.
     rng = np.random.default_rng(0)
     n, edges, weights = layered_graph(rng, [64, 256, 256, 10], dead=0.5)
-    calls = []
-    original = persistence._kruskal
-    monkeypatch.setattr(persistence, "_kruskal", lambda *a: calls.append(1) or original(*a))
     fast = h0_persistence(n, edges, weights)
-    assert len(calls) >= 3
     reference = h0_persistence_ripser(n, edges, weights)
     np.testing.assert_array_equal(fast.deaths, reference.deaths)
     assert fast.n_components == reference.n_components > 1
     assert_valid_forest(n, edges, weights, fast)
+
+
+@pytest.mark.parametrize("levels", [0, 3])
+def test_descending_order_sorts_float32_keys_like_a_stable_argsort(levels: int) -> None:
+    rng = np.random.default_rng(levels)
+    w = (rng.integers(0, levels + 1, size=5_000) if levels else rng.exponential(size=5_000) * (rng.random(5_000) < 0.7))
+    w32 = w.astype(np.float32)
+    expected = np.flatnonzero(w32 > 0)[np.argsort(-w32[w32 > 0], kind="stable")]
+    np.testing.assert_array_equal(persistence.descending_order(w32), expected)
+    np.testing.assert_array_equal(persistence.descending_order(w32.astype(np.float64)), expected)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,6 +249,29 @@ def test_features_follow_their_definitions() -> None:
     assert h0_features(even)[-2] == pytest.approx(1.0)
 
 
+def test_features_by_group_equal_the_features_of_each_sub_diagram() -> None:
+    rng = np.random.default_rng(5)
+    n, edges, weights = layered_graph(rng, [30, 20, 10], dead=0.3)
+    diagram = h0_persistence(n, edges, weights)
+    group = rng.integers(0, 3, size=diagram.n_merges)
+    sizes = np.array([50, 30, 7])
+    rows = h0_features_by_group(diagram, group, sizes, quantiles=(0.0, 0.3, 0.5, 1.0), p=3.0)
+    assert rows.shape == (4, 7)
+    np.testing.assert_allclose(rows[0], h0_features(diagram, quantiles=(0.0, 0.3, 0.5, 1.0), p=3.0), rtol=1e-12)
+    for g, size in enumerate(sizes):
+        sub = H0Diagram(deaths=diagram.deaths[group == g], merge_edges=None, n_vertices=int(size),
+                        n_components=int(size) - int((group == g).sum()))
+        np.testing.assert_allclose(rows[1 + g], h0_features(sub, quantiles=(0.0, 0.3, 0.5, 1.0), p=3.0), rtol=1e-12)
+        # and against numpy's own quantile, the reference for the interpolation
+        np.testing.assert_allclose(rows[1 + g, :4], np.quantile(sub.deaths, (0.0, 0.3, 0.5, 1.0)), rtol=1e-12)
+    # deaths given out of order (a hand-made diagram) are summarised as if sorted
+    shuffled = H0Diagram(deaths=rng.permutation(diagram.deaths), merge_edges=None, n_vertices=n,
+                         n_components=diagram.n_components)
+    np.testing.assert_allclose(h0_features(shuffled), h0_features(diagram), rtol=1e-12)
+    with pytest.raises(InvalidInput, match="group"):
+        h0_features_by_group(diagram, group + 3, sizes)
+
+
 def test_features_scale_with_weights_except_entropy() -> None:
     rng = np.random.default_rng(3)
     n, edges, weights = layered_graph(rng, [30, 20, 10], dead=0.3)
@@ -276,24 +301,6 @@ def test_feature_arguments_are_validated() -> None:
         h0_features(diagram, p=0.5)
     with pytest.raises(InvalidInput, match="H0Diagram"):
         h0_features(np.array([1.0]))  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("pack_limit", [2**62, 0])  # 0 forces the lexsort branch of huge graphs
-def test_kruskal_core_handles_int32_labels_of_large_contractions(
-    pack_limit: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(persistence, "_PACK_LIMIT", pack_limit)
-    # After a contraction, scipy hands back int32 component labels; packing (pair, rank) into one
-    # integer must not overflow for n_labels**2 * n_edges >> 2**31.
-    rng = np.random.default_rng(11)
-    n_labels, k = 5_000, 3_000
-    a = rng.integers(0, n_labels, size=k).astype(np.int32)
-    b = rng.integers(0, n_labels, size=k).astype(np.int32)
-    w = rng.integers(1, 20, size=k).astype(np.float64)
-    chosen = persistence._kruskal(n_labels, a, b, w, None)
-    edges = np.stack([a, b], axis=1).astype(np.int64)
-    reference = h0_persistence_ripser(n_labels, edges, w)
-    np.testing.assert_array_equal(np.sort(w[chosen])[::-1], reference.deaths)
 
 
 @pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn"])
