@@ -404,8 +404,8 @@ class NodeSelector:
             if array.shape[0] != n_samples:
                 raise InvalidInput(f"layer {name!r}: expected {n_samples} samples, got {array.shape[0]}")
             mine = self.node_layer_ == i
-            if mine.any():
-                out[:, mine] = _node_values(name, array)[:, self.node_unit_[mine]]
+            if mine.any():  # only the selected units (channels): a window sees every request
+                out[:, mine] = _node_values(name, array[:, self.node_unit_[mine]])
         return out
 
     def fit_transform(self, activations: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 
+import numba
 import numpy as np
 
 from detector.errors import InvalidInput, NotReady
@@ -60,6 +61,21 @@ def _as_scores(scores: np.ndarray, allow_inf: bool) -> np.ndarray:
     if bad.any():
         raise InvalidInput(f"scores must be {'not NaN' if allow_inf else 'finite'}: {int(bad.sum())} of {len(s)} are not")
     return s
+
+
+@numba.njit(cache=True, nogil=True)
+def _p_values(s, c, global_ref, class_values, class_offsets, conditional, tail_max, tail_beta, tail):  # pragma: no cover
+    """Conformal p-values (the math is in :class:`ConformalCalibrator`); one compiled loop over the inputs."""
+    p = np.empty(s.shape[0])
+    for i in range(s.shape[0]):
+        k = c[i]
+        ref = class_values[class_offsets[k]:class_offsets[k + 1]] if conditional[k] else global_ref
+        at_least = ref.shape[0] - np.searchsorted(ref, s[i], side="left")
+        p[i] = (1.0 + at_least) / (ref.shape[0] + 1.0)
+        if tail and at_least == 0:
+            excess = max(s[i] - tail_max[k], 0.0) / tail_beta[k]
+            p[i] *= np.exp(-(excess if excess < 700.0 or np.isnan(excess) else 700.0))  # stays > 0 in float64
+    return p
 
 
 class ConformalCalibrator:
@@ -163,23 +179,8 @@ class ConformalCalibrator:
         self._check_fitted()
         s = _as_scores(scores, allow_inf=True)
         c = _as_classes(classes, len(s), self.n_classes_)
-        n_ref = len(self.global_)
-        at_least = n_ref - np.searchsorted(self.global_, s, side="left")
-        size = np.full(len(s), n_ref)
-        for k in np.flatnonzero(self.conditional_):  # a loop over classes, never over samples
-            rows = np.flatnonzero(c == k)
-            if len(rows) == 0:
-                continue
-            ref = self.class_values_[self.class_offsets_[k]:self.class_offsets_[k + 1]]
-            at_least[rows] = len(ref) - np.searchsorted(ref, s[rows], side="left")
-            size[rows] = len(ref)
-        p = (1.0 + at_least) / (size + 1.0)
-        if self.tail:
-            beyond = at_least == 0
-            if beyond.any():
-                excess = np.maximum(s[beyond] - self.tail_max_[c[beyond]], 0.0) / self.tail_beta_[c[beyond]]
-                p[beyond] *= np.exp(-np.minimum(excess, 700.0))  # stays > 0 in float64
-        return p
+        return _p_values(s, c, self.global_, self.class_values_, self.class_offsets_, self.conditional_,
+                         self.tail_max_, self.tail_beta_, bool(self.tail))
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "global_"):

@@ -79,7 +79,7 @@ class ClassConditionalGaussian:
             raise NotReady("ClassConditionalGaussian is not fitted")
         z = (np.asarray(features, dtype=np.float64) - self.center_) / self.scale_
         d = z - self.locations_[np.asarray(classes)]
-        return np.einsum("ij,jk,ik->i", d, self.precision_, d)
+        return ((d @ self.precision_) * d).sum(axis=1)
 
     def get_state(self, prefix: str) -> dict[str, np.ndarray]:
         """Fitted arrays under ``prefix`` (so several models can share one archive)."""

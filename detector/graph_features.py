@@ -14,6 +14,7 @@ For each input of a :class:`~detector.capture.Capture`:
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -44,8 +45,9 @@ class InducedGraphFeatures:
 
     Notes
     -----
-    :meth:`transform` remembers its last result, so that two scorers reading the same capture (induced
-    persistence and Betti density) weigh the graph and compute the diagram once.
+    :meth:`transform` remembers its last result in each thread, so that two scorers reading the same
+    capture (induced persistence and Betti density) compute the forest once, also when several threads
+    score different requests at the same time.
     """
 
     def __init__(self, graph: InducedGraph, top_q: float = 1.0, densities: Sequence[float] = tuple(DEFAULT_DENSITIES),
@@ -56,7 +58,7 @@ class InducedGraphFeatures:
         self.quantiles = tuple(float(q) for q in quantiles)
         self.p = float(p)
         self.forest = InducedForest(graph) if self.top_q == 1.0 else None
-        self._last: tuple[Capture, dict[str, np.ndarray]] | None = None
+        self._memo = threading.local()  # per thread: the server scores requests in parallel
 
     def params(self) -> dict[str, object]:
         """Constructor parameters (JSON-able), the graph excepted."""
@@ -93,9 +95,10 @@ class InducedGraphFeatures:
 
     def transform(self, capture: Capture) -> dict[str, np.ndarray]:
         """Features of every input: ``{"persistence": (n, n_persistence), "betti": (n, 2 * n_densities)}``."""
-        if self._last is not None and self._last[0] is capture:
-            return self._last[1]
+        last = getattr(self._memo, "last", None)
+        if last is not None and last[0] is capture:
+            return last[1]
         rows = [self.one(capture, i) for i in range(len(capture))]
         out = {"persistence": np.stack([r[0] for r in rows]), "betti": np.stack([r[1] for r in rows])}
-        self._last = (capture, out)
+        self._memo.last = (capture, out)
         return out

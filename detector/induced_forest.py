@@ -191,9 +191,9 @@ def _block_forests(values, src_vertex, src_value, src_ptr, dst_vertex, dst_ptr, 
     bins = np.empty(max_t * max_t, np.float32)  # bins[g, c]: heaviest edge from group g into target c
     parent = np.empty(max_t, np.int64)
     comp = np.empty(max_t, np.int64)
-    link_w = np.empty(max_t * max_t, np.float32)  # heaviest edge from component r into component a ...
-    link_c = np.empty(max_t * max_t, np.int64)  # ... its target ...
-    link_g = np.empty(max_t * max_t, np.int64)  # ... and the group of its source (entry a * k + r)
+    by_comp = np.empty(max_t, np.int64)  # targets sorted by component ...
+    comp_ptr = np.empty(max_t + 1, np.int64)  # ... and the bounds of each component
+    fill = np.empty(max_t, np.int64)
     m = 0
     nc = 0
     for b in range(n_blocks):
@@ -274,30 +274,43 @@ def _block_forests(values, src_vertex, src_value, src_ptr, dst_vertex, dst_ptr, 
                 p_q = products[base + q * t:base + (q + 1) * t]
                 for c in range(t):
                     bin_g[c] = max(bin_g[c], p_q[c])
-        for i in range(k * k):
-            link_w[i] = 0
-        for g in range(t):
-            r = comp[g]
-            for c in range(t):
-                i = comp[c] * k + r  # from component r (the source's) to component comp[c] (the target's)
-                x = bins[g * t + c]
-                better = (comp[c] != r) & (x > link_w[i])
-                link_w[i] = x if better else link_w[i]
-                link_c[i] = c if better else link_c[i]
-                link_g[i] = g if better else link_g[i]
-        # one link per pair of components, the heavier direction; the final Kruskal sorts them out
+        # targets (= groups) listed by component
+        for r in range(k + 1):
+            comp_ptr[r] = 0
+        for c in range(t):
+            comp_ptr[comp[c] + 1] += 1
+        for r in range(k):
+            comp_ptr[r + 1] += comp_ptr[r]
+        for r in range(k):
+            fill[r] = comp_ptr[r]
+        for c in range(t):
+            by_comp[fill[comp[c]]] = c
+            fill[comp[c]] += 1
+        # one link per pair of components: their heaviest edge (either direction); Kruskal sorts them out
         for a in range(k):
             for r in range(a + 1, k):
-                i = a * k + r if link_w[a * k + r] >= link_w[r * k + a] else r * k + a
-                if link_w[i] == 0:
+                top = np.float32(0)
+                top_c = 0
+                top_g = 0
+                for x_side in range(2):  # targets in a and sources in r, then the other way round
+                    ca, gr = (a, r) if x_side == 0 else (r, a)
+                    for jc in range(comp_ptr[ca], comp_ptr[ca + 1]):
+                        c = by_comp[jc]
+                        for jg in range(comp_ptr[gr], comp_ptr[gr + 1]):
+                            g = by_comp[jg]
+                            x = bins[g * t + c]
+                            if x > top:
+                                top = x
+                                top_c = c
+                                top_g = g
+                if top == 0:
                     continue
-                c = link_c[i]
-                q = gp[link_g[i]]
-                while products[base + q * t + c] != link_w[i]:
+                q = gp[top_g]
+                while products[base + q * t + top_c] != top:
                     q += 1
                 cand_u[nc] = src_vertex[s0 + scol[q]]
-                cand_v[nc] = dst_vertex[d0 + c]
-                cand_w[nc] = link_w[i]
+                cand_v[nc] = dst_vertex[d0 + top_c]
+                cand_w[nc] = top
                 cand_pair[nc] = pair
                 nc += 1
     return m, nc

@@ -21,6 +21,7 @@ import numpy as np
 
 from detector.capture import Capture, softmax
 from detector.errors import BaselineError, InvalidInput
+from detector.model import session_options
 from detector.scorers.base import Scorer, ScorerContext
 
 __all__ = [
@@ -115,7 +116,8 @@ class IntrospectionRunner:
 
         self.model = bytes(model)
         try:
-            self._session = ort.InferenceSession(self.model, providers=["CPUExecutionProvider"])
+            # one thread: the network is tiny, and a pool would spin on every core after each request
+            self._session = ort.InferenceSession(self.model, session_options(1), providers=["CPUExecutionProvider"])
         except Exception as exc:  # ORT raises its own types for corrupt graphs
             raise BaselineError(f"the introspection ONNX model cannot be loaded: {exc}") from exc
         inputs = self._session.get_inputs()
@@ -158,7 +160,8 @@ class IntrospectionRunner:
             import onnxruntime as ort
 
             sub = onnx.utils.Extractor(onnx.load_from_string(self.model)).extract_model(["z"], ["log10_error"])
-            self._estimator = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"])
+            self._estimator = ort.InferenceSession(sub.SerializeToString(), session_options(1),
+                                                   providers=["CPUExecutionProvider"])
         (out,) = self._estimator.run(["log10_error"], {"z": codes})
         return out.astype(np.float64)
 

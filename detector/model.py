@@ -21,7 +21,7 @@ from detector.capture import Capture
 from detector.errors import InvalidInput, ModelError
 from detector.structure import ACTIVATION_OPS, Op, extract_structure
 
-__all__ = ["LayerInfo", "OnnxClassifier", "file_sha256"]
+__all__ = ["LayerInfo", "OnnxClassifier", "file_sha256", "session_options"]
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16}
 
@@ -60,6 +60,19 @@ class LayerInfo:
     def size(self) -> int:
         """Number of units (vertices in the induced graph)."""
         return int(np.prod(self.shape)) if self.shape else 1
+
+
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    """ONNX Runtime session options: ``intra_op_threads`` threads per run (0 = one per core), no inter-op pool.
+
+    The server passes 1: its worker threads already run requests in parallel, and an intra-op pool
+    would spin on every core after each small run, starving the other workers.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return options
 
 
 class OnnxClassifier:
@@ -152,11 +165,8 @@ class OnnxClassifier:
         for name in self.capture:
             if name not in present:
                 rewritten.graph.output.append(onnx.ValueInfoProto(name=name))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        self._session = ort.InferenceSession(rewritten.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(rewritten.SerializeToString(), session_options(intra_op_threads),
+                                             providers=["CPUExecutionProvider"])
 
     def validate(self, x: np.ndarray) -> np.ndarray:
         """Check a batch and return it as a C-contiguous array of the model's input dtype.

@@ -72,9 +72,16 @@ class DetectionCore:
         return self._ready.is_set()
 
     def warm_up(self) -> None:
-        """Run one batch through every stage (ONNX Runtime allocations, ripser import), then become ready."""
+        """Run one batch through every stage and one population window, then become ready.
+
+        The first calls allocate ONNX Runtime's buffers, load the numba kernels and import ripser (about a
+        second, holding the GIL): better before the first request than in the middle of traffic.
+        """
         shape = tuple(1 if d is None else d for d in self.detector.model.input_shape)
-        self.detector.detect(np.zeros((2, *shape), dtype=self.detector.model.input_dtype))
+        batch = self.detector.detect(np.zeros((2, *shape), dtype=self.detector.model.input_dtype))
+        population, nodes = self.detector.population, self.detector.window_node_values(batch.capture)
+        if population is not None and nodes is not None:
+            population.score(np.random.default_rng(0).normal(size=(population.window_size, nodes.shape[1])))
         self._window_thread.start()
         self._ready.set()
 

@@ -279,11 +279,14 @@ class KNNScorer(Scorer):
         if u.shape[1] != self.reference_.shape[1]:
             raise InvalidInput(f"layer {self.layer_!r} has {u.shape[1]} features, the scorer was fitted on "
                                f"{self.reference_.shape[1]}")
-        ref = self.reference_.astype(np.float64)
+        if getattr(self, "_reference64", None) is None or self._reference64[0] is not self.reference_:
+            ref = self.reference_.astype(np.float64)  # once per fitted reference, not per request
+            self._reference64 = (self.reference_, ref, (ref * ref).sum(axis=1))
+        _, ref, ref_sq = self._reference64
         out = np.empty(len(u))
         for start in range(0, len(u), self.chunk_size):
             q = u[start:start + self.chunk_size]
-            sq = (q * q).sum(axis=1, keepdims=True) + (ref * ref).sum(axis=1) - 2.0 * (q @ ref.T)
+            sq = (q * q).sum(axis=1, keepdims=True) + ref_sq - 2.0 * (q @ ref.T)
             kth = np.partition(sq, self.k - 1, axis=1)[:, self.k - 1]
             out[start:start + len(q)] = np.sqrt(np.maximum(kth, 0.0))
         return {self.kind: out}

@@ -328,7 +328,8 @@ def test_node_selector_reports_misuse(digits_activations) -> None:
     with pytest.raises(InvalidInput, match="same number of samples"):
         NodeSelector().fit({"conv": digits_activations["conv"], "dense": digits_activations["dense"][:10]})
     bad = digits_activations["dense"].copy()
-    bad[0, 0] = np.nan
+    dense = selector.layers_.index("dense")
+    bad[0, selector.node_unit_[selector.node_layer_ == dense][0]] = np.nan  # a unit the selector reads
     with pytest.raises(InvalidInput, match="NaN"):
         selector.transform({"conv": digits_activations["conv"], "dense": bad})
 
