@@ -191,9 +191,8 @@ def _block_forests(values, src_vertex, src_value, src_ptr, dst_vertex, dst_ptr, 
     bins = np.empty(max_t * max_t, np.float32)  # bins[g, c]: heaviest edge from group g into target c
     parent = np.empty(max_t, np.int64)
     comp = np.empty(max_t, np.int64)
-    by_comp = np.empty(max_t, np.int64)  # targets sorted by component ...
-    comp_ptr = np.empty(max_t + 1, np.int64)  # ... and the bounds of each component
-    fill = np.empty(max_t, np.int64)
+    reach = np.empty(max_t * max_t, np.float32)  # reach[ra, c]: heaviest edge from component ra into target c
+    link = np.empty(max_t * max_t, np.float32)  # link[ra, rb]: heaviest edge from component ra into component rb
     m = 0
     nc = 0
     for b in range(n_blocks):
@@ -274,42 +273,39 @@ def _block_forests(values, src_vertex, src_value, src_ptr, dst_vertex, dst_ptr, 
                 p_q = products[base + q * t:base + (q + 1) * t]
                 for c in range(t):
                     bin_g[c] = max(bin_g[c], p_q[c])
-        # targets (= groups) listed by component
-        for r in range(k + 1):
-            comp_ptr[r] = 0
-        for c in range(t):
-            comp_ptr[comp[c] + 1] += 1
-        for r in range(k):
-            comp_ptr[r + 1] += comp_ptr[r]
-        for r in range(k):
-            fill[r] = comp_ptr[r]
-        for c in range(t):
-            by_comp[fill[comp[c]]] = c
-            fill[comp[c]] += 1
-        # one link per pair of components: their heaviest edge (either direction); Kruskal sorts them out
+        # the heaviest edge from (the groups of) component ra into target c, R[ra, c], by whole rows
+        for i in range(k * t):
+            reach[i] = 0
+        for g in range(t):
+            r_g = reach[comp[g] * t:(comp[g] + 1) * t]
+            bin_g = bins[g * t:(g + 1) * t]
+            for c in range(t):
+                r_g[c] = max(r_g[c], bin_g[c])
+        # ... then between components: link[ra, rb] = max over targets c of rb of R[ra, c]
+        for i in range(k * k):
+            link[i] = 0
+        for ra in range(k):
+            for c in range(t):
+                i = ra * k + comp[c]
+                link[i] = max(link[i], reach[ra * t + c])
+        # one candidate per pair of components, the heavier direction; the final Kruskal sorts them out
         for a in range(k):
             for r in range(a + 1, k):
-                top = np.float32(0)
-                top_c = 0
-                top_g = 0
-                for x_side in range(2):  # targets in a and sources in r, then the other way round
-                    ca, gr = (a, r) if x_side == 0 else (r, a)
-                    for jc in range(comp_ptr[ca], comp_ptr[ca + 1]):
-                        c = by_comp[jc]
-                        for jg in range(comp_ptr[gr], comp_ptr[gr + 1]):
-                            g = by_comp[jg]
-                            x = bins[g * t + c]
-                            if x > top:
-                                top = x
-                                top_c = c
-                                top_g = g
+                ra, rb = (a, r) if link[a * k + r] >= link[r * k + a] else (r, a)  # sources in ra, targets in rb
+                top = link[ra * k + rb]
                 if top == 0:
                     continue
-                q = gp[top_g]
-                while products[base + q * t + top_c] != top:
+                c = 0
+                while comp[c] != rb or reach[ra * t + c] != top:
+                    c += 1
+                g = 0
+                while comp[g] != ra or bins[g * t + c] != top:
+                    g += 1
+                q = gp[g]
+                while products[base + q * t + c] != top:
                     q += 1
                 cand_u[nc] = src_vertex[s0 + scol[q]]
-                cand_v[nc] = dst_vertex[d0 + top_c]
+                cand_v[nc] = dst_vertex[d0 + c]
                 cand_w[nc] = top
                 cand_pair[nc] = pair
                 nc += 1
@@ -364,8 +360,9 @@ class InducedForest:
         sizes = [graph.layer_sizes[next(p.src_layer for p in graph.pairs if p.source_tensor == t)] for t in self._tensors]
         offsets = np.r_[0, np.cumsum(sizes)].astype(int)
         self._blocks = _build_blocks(graph, dict(zip(self._tensors, offsets.tolist())))
-        self._maxpool = [(p, pair) for p, pair in enumerate(graph.pairs) if pair.windows is not None]
-        n_maxpool_edges = sum(len(pair.windows) for _, pair in self._maxpool)  # type: ignore[arg-type]
+        self._maxpool = [(p, pair, pair.dst + graph.offsets[pair.dst_layer])
+                         for p, pair in enumerate(graph.pairs) if pair.windows is not None]
+        n_maxpool_edges = sum(len(pair.windows) for _, pair, _ in self._maxpool)  # type: ignore[arg-type]
         self._n_products = self._blocks.n_edges + n_maxpool_edges
         self._n_candidates = self._blocks.max_candidates + n_maxpool_edges
 
@@ -381,10 +378,10 @@ class InducedForest:
         m, nc = _block_forests(values, blocks.src_vertex, blocks.src_value, blocks.src_ptr, blocks.dst_vertex,
                                blocks.dst_ptr, blocks.block_pair, blocks.block_shape, blocks.weight, blocks.weight_ptr,
                                blocks.group_ptr, blocks.group_start, products, cand_u, cand_v, cand_w, cand_pair)
-        for p, pair in self._maxpool:
+        for p, pair, dst_vertex in self._maxpool:
             m, nc = _maxpool_edges(graph.source_values(capture, i, pair.source_tensor), pair.windows,
-                                   graph.offsets[pair.src_layer], pair.dst + graph.offsets[pair.dst_layer], p,
-                                   products, m, cand_u, cand_v, cand_w, cand_pair, nc)
+                                   graph.offsets[pair.src_layer], dst_vertex, p, products, m, cand_u, cand_v, cand_w,
+                                   cand_pair, nc)
         merges = maximum_spanning_forest(graph.n_vertices, cand_u[:nc], cand_v[:nc], cand_w[:nc])
         diagram = H0Diagram(
             deaths=cand_w[merges].astype(np.float64),

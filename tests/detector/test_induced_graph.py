@@ -97,11 +97,16 @@ def test_oracle_on_demo_models(demo_models, digits_split_arrays, name):
     _assert_oracle(OnnxClassifier(demo_models / f"{name}.onnx"), digits_split_arrays["x_test"][:5])
 
 
-def test_edge_counts_and_weights(demo_models, digits_split_arrays):
-    clf = OnnxClassifier(demo_models / "digits_cnn.onnx")
+def _graph_and_capture(path, x: np.ndarray):
+    """A model's induced graph and a capture of ``x`` holding every tensor the graph reads."""
+    clf = OnnxClassifier(path)
     graph = InducedGraph.from_classifier(clf)
     clf.set_capture(clf.default_capture() + graph.required_tensors)
-    capture = clf.run(digits_split_arrays["x_test"][:2])
+    return graph, clf.run(x)
+
+
+def test_edge_counts_and_weights(demo_models, digits_split_arrays):
+    graph, capture = _graph_and_capture(demo_models / "digits_cnn.onnx", digits_split_arrays["x_test"][:2])
     g = graph.edges(capture, 0)
     # conv1 8x8 pad 1: 16 * sum over outputs of in-bounds taps = 16 * (6*6*9 + 4*6*6 + 4*4) ; pool: one per output
     conv1 = 16 * (36 * 9 + 24 * 6 + 4 * 4)
@@ -127,13 +132,11 @@ def test_edge_counts_and_weights(demo_models, digits_split_arrays):
 # the block-by-block spanning forest (the features' fast path) against the full edge list
 
 
-def _assert_forest_matches_edges(clf: OnnxClassifier, x: np.ndarray, *, reference: str = "kruskal") -> None:
+def _assert_forest_matches_edges(path, x: np.ndarray, *, reference: str = "kruskal") -> None:
     from detector.induced_forest import InducedForest
     from detector.persistence import h0_persistence, h0_persistence_ripser
 
-    graph = InducedGraph.from_classifier(clf)
-    clf.set_capture(clf.default_capture() + graph.required_tensors)
-    capture = clf.run(x)
+    graph, capture = _graph_and_capture(path, x)
     forest = InducedForest(graph)
     for i in range(len(x)):
         g = graph.edges(capture, i)
@@ -159,7 +162,7 @@ def test_forest_matches_the_full_graph_on_every_op_kind(tmp_path):
     _export(StridedNet(), path, (1, 11, 11))
     x = np.random.default_rng(2).random((4, 1, 11, 11), dtype=np.float32)
     x[0, 0, :4] = 0.0  # dead inputs: sources without edges
-    _assert_forest_matches_edges(OnnxClassifier(path), x)
+    _assert_forest_matches_edges(path, x)
 
 
 def test_forest_matches_ripser_with_massive_ties(tmp_path):
@@ -172,21 +175,18 @@ def test_forest_matches_ripser_with_massive_ties(tmp_path):
     path = tmp_path / "ties.onnx"
     _export(model, path, (1, 11, 11))
     x = (np.random.default_rng(3).integers(0, 3, size=(3, 1, 11, 11)) / 2).astype(np.float32)
-    _assert_forest_matches_edges(OnnxClassifier(path), x, reference="ripser")
+    _assert_forest_matches_edges(path, x, reference="ripser")
 
 
 @pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn"])
 def test_forest_matches_the_full_graph_on_demo_models(demo_models, digits_split_arrays, name):
-    _assert_forest_matches_edges(OnnxClassifier(demo_models / f"{name}.onnx"), digits_split_arrays["x_test"][:6])
+    _assert_forest_matches_edges(demo_models / f"{name}.onnx", digits_split_arrays["x_test"][:6])
 
 
 def test_features_fast_path_equals_the_edge_list_path(demo_models, digits_split_arrays):
     from detector.graph_features import InducedGraphFeatures
 
-    clf = OnnxClassifier(demo_models / "digits_cnn.onnx")
-    graph = InducedGraph.from_classifier(clf)
-    clf.set_capture(clf.default_capture() + graph.required_tensors)
-    capture = clf.run(digits_split_arrays["x_test"][:5])
+    graph, capture = _graph_and_capture(demo_models / "digits_cnn.onnx", digits_split_arrays["x_test"][:5])
     fast = InducedGraphFeatures(graph)
     listed = InducedGraphFeatures(graph)
     listed.forest = None  # the top-q path with q = 1: every edge weighed and listed
