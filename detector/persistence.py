@@ -20,7 +20,7 @@ Because every birth is the top, a diagram is fully described by its death weight
 Two implementations compute it:
 
 * :func:`h0_persistence` - the fast path: Kruskal compiled with numba, after one sort of the positive
-  weights (:func:`descending_order`).
+  weights (packed float32 keys, :func:`maximum_spanning_forest`).
 * :func:`h0_persistence_ripser` - the reference: ripser on a sparse distance matrix, against which the
   fast path is tested.
 """
@@ -40,7 +40,6 @@ __all__ = [
     "DEFAULT_QUANTILES",
     "H0Diagram",
     "check_graph",
-    "descending_order",
     "h0_feature_names",
     "h0_features",
     "h0_features_by_group",
@@ -108,7 +107,7 @@ def check_graph(
 ) -> tuple[int, np.ndarray, np.ndarray]:
     """Validate a weighted graph and return ``(n_vertices, edges int64 (m, 2), weights (m,))``.
 
-    float32 weights stay float32 (their fast sort in :func:`descending_order`); others become float64.
+    float32 weights stay float32 (they have a faster sort, see :func:`maximum_spanning_forest`); others become float64.
 
     Raises
     ------
@@ -173,11 +172,6 @@ def _sorted_keys(weights: np.ndarray) -> np.ndarray:
     return positive[np.argsort(-weights[positive], kind="stable")].astype(np.uint64)
 
 
-def descending_order(weights: np.ndarray) -> np.ndarray:
-    """Positions of the positive entries of ``weights``, by decreasing weight, ties by position."""
-    return (_sorted_keys(weights) & np.uint64(0xFFFFFFFF)).astype(np.int64)
-
-
 @numba.njit(cache=True, nogil=True)
 def _descending_keys(bits: np.ndarray) -> np.ndarray:  # pragma: no cover (compiled)
     """``~bits << 32 | position`` for every non-zero (i.e. positive) float32 bit pattern."""
@@ -225,9 +219,10 @@ def _kruskal(n: int, u: np.ndarray, v: np.ndarray, keys: np.ndarray) -> np.ndarr
 def maximum_spanning_forest(n_vertices: int, u: np.ndarray, v: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Positions of the edges of a maximum spanning forest of the positive-weight edges, by decreasing weight.
 
-    Kruskal on decreasing weights (ties by position). No validation: ``u``, ``v`` must be integer
-    arrays of vertex ids in [0, n_vertices) and ``weights`` non-negative; use :func:`h0_persistence`
-    for checked input.
+    Kruskal on decreasing weights (ties by position). float32 weights are ordered by one numpy sort
+    of ``~bits(w) << 32 | position`` keys (the bit pattern of w >= 0 is monotone in w); other dtypes
+    by a stable argsort. No validation: ``u``, ``v`` must be integer arrays of vertex ids in
+    [0, n_vertices) and ``weights`` non-negative; use :func:`h0_persistence` for checked input.
     """
     return _kruskal(n_vertices, np.ascontiguousarray(u), np.ascontiguousarray(v), _sorted_keys(weights))
 
