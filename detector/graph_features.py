@@ -6,7 +6,7 @@ For each input of a :class:`~detector.capture.Capture`:
    :class:`detector.induced_forest.InducedForest` (block by block, without listing the edges); with top-q
    sparsification by weighing the kept edges (:meth:`detector.induced_graph.InducedGraph.edges`) and
    :func:`detector.persistence.h0_persistence`;
-2. summarise it (:func:`detector.persistence.h0_features`) for the whole graph and for each layer pair, the
+2. summarise it (:func:`detector.persistence.h0_features_by_group`) for the whole graph and for each layer pair, the
    pair's part being the persistent-subgraph (maximum spanning forest) edges that lie in that pair;
 3. read the Betti-density signature beta0(rho), beta1(rho) off the same diagram and the edge weights
    (:func:`detector.betti.betti_signature_from_weights`).
@@ -58,6 +58,7 @@ class InducedGraphFeatures:
         self.quantiles = tuple(float(q) for q in quantiles)
         self.p = float(p)
         self.forest = InducedForest(graph) if self.top_q == 1.0 else None
+        self._pair_sizes = np.array([graph.layer_sizes[pr.src_layer] + graph.layer_sizes[pr.dst_layer] for pr in graph.pairs])
         self._memo = threading.local()  # per thread: the server scores requests in parallel
 
     def params(self) -> dict[str, object]:
@@ -88,8 +89,7 @@ class InducedGraphFeatures:
             diagram = h0_persistence(g.n_vertices, g.edges, g.weights)
             merge_pair = np.searchsorted(g.pair_ptr, diagram.merge_index, side="right") - 1
             weights = g.weights
-        sizes = [self.graph.layer_sizes[pair.src_layer] + self.graph.layer_sizes[pair.dst_layer] for pair in self.graph.pairs]
-        persistence = h0_features_by_group(diagram, merge_pair, np.asarray(sizes), self.quantiles, self.p).reshape(-1)
+        persistence = h0_features_by_group(diagram, merge_pair, self._pair_sizes, self.quantiles, self.p).reshape(-1)
         betti = betti_signature_from_weights(self.graph.n_vertices, weights, diagram.deaths, self.densities)
         return persistence, betti.reshape(-1)
 

@@ -269,8 +269,14 @@ class KNNScorer(Scorer):
         features = layer_features(capture, self.layer_)
         if not np.isfinite(features).all():
             raise InvalidInput(f"layer {self.layer_!r} has non-finite activations in the reference data")
-        self.reference_ = self._normalise(features).astype(np.float32)
+        self._set_reference(self._normalise(features))
         return self
+
+    def _set_reference(self, reference: np.ndarray) -> None:
+        """Store the normalised references (float32, the state) and, once, what scoring derives from them."""
+        self.reference_ = np.asarray(reference, dtype=np.float32)
+        self._reference64 = self.reference_.astype(np.float64)
+        self._reference_sq = (self._reference64 * self._reference64).sum(axis=1)
 
     def scores(self, capture: Capture) -> dict[str, np.ndarray]:
         """Distance to the k-th nearest reference, ndarray (n_samples,) in [0, 2]; higher = more suspicious."""
@@ -279,10 +285,7 @@ class KNNScorer(Scorer):
         if u.shape[1] != self.reference_.shape[1]:
             raise InvalidInput(f"layer {self.layer_!r} has {u.shape[1]} features, the scorer was fitted on "
                                f"{self.reference_.shape[1]}")
-        if getattr(self, "_reference64", None) is None or self._reference64[0] is not self.reference_:
-            ref = self.reference_.astype(np.float64)  # once per fitted reference, not per request
-            self._reference64 = (self.reference_, ref, (ref * ref).sum(axis=1))
-        _, ref, ref_sq = self._reference64
+        ref, ref_sq = self._reference64, self._reference_sq
         out = np.empty(len(u))
         for start in range(0, len(u), self.chunk_size):
             q = u[start:start + self.chunk_size]
@@ -300,7 +303,7 @@ class KNNScorer(Scorer):
                    context: ScorerContext | None = None) -> "KNNScorer":
         scorer = cls(**params)
         scorer.layer_ = scorer.layer
-        scorer.reference_ = np.asarray(arrays["reference"], dtype=np.float32)
+        scorer._set_reference(arrays["reference"])
         return scorer
 
 
