@@ -1,8 +1,9 @@
 """Load benchmark: a closed-loop gRPC client against a real ``advdetect serve`` process.
 
-For the digits CNN and LeNet-5 (28x28, MNIST), the server runs in its own process on a loopback port; N
-client threads each send single-input Open Inference Protocol ``ModelInfer`` requests back to back for a fixed
-time, in two modes in the same run:
+For the digits CNN and LeNet-5 (28x28, MNIST), the server runs in its own process(es) on a loopback port
+(``--processes``, default: one per core, sharing the port); N client threads, each on its own connection,
+send single-input Open Inference Protocol ``ModelInfer`` requests back to back for a fixed time, in two
+modes in the same run:
 
 - detection on: every output (flags, adversarial score, p-values): the whole pipeline;
 - detection off: only ``predicted_class``: the ONNX Runtime pass alone.
@@ -53,9 +54,10 @@ def _prepare() -> dict[str, tuple[Path, Path, np.ndarray]]:
     return out
 
 
-def _start_server(model: Path, baseline: Path, workers: int) -> tuple[subprocess.Popen, int]:
+def _start_server(model: Path, baseline: Path, workers: int, processes: int) -> tuple[subprocess.Popen, int]:
     env = {**os.environ, "ADVDETECT_GRPC_HOST": "127.0.0.1", "ADVDETECT_METRICS_HOST": "127.0.0.1",
-           "ADVDETECT_WORKERS": str(workers), "ADVDETECT_MAX_INFLIGHT_REQUESTS": "256"}
+           "ADVDETECT_WORKERS": str(workers), "ADVDETECT_PROCESSES": str(processes),
+           "ADVDETECT_MAX_INFLIGHT_REQUESTS": "256"}
     proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", "--model", str(model), "--baseline",
                              str(baseline), "--grpc-port", "0", "--metrics-port", "0"],
                             stdout=subprocess.PIPE, text=True, env=env)
@@ -100,7 +102,10 @@ def _run(port: int, model_name: str, inputs: np.ndarray, callers: int, seconds: 
     """Closed loop: each caller sends the next request as soon as the previous answer arrives.
 
     The callers send pre-serialised requests on a raw channel (no client-side protobuf work per call),
-    so the load generator takes as little as possible of the cores it shares with the server.
+    so the load generator takes as little as possible of the cores it shares with the server. Each
+    caller has its own connection (a local subchannel pool; grpc otherwise shares one connection among
+    channels to the same address), as independent clients would: with several server processes, the
+    kernel balances connections, not requests.
     """
     import grpc
 
@@ -110,7 +115,7 @@ def _run(port: int, model_name: str, inputs: np.ndarray, callers: int, seconds: 
     stop_at = time.perf_counter() + seconds
 
     def caller(k: int) -> None:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
             i = k
             while time.perf_counter() < stop_at:
@@ -139,11 +144,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each run")
     parser.add_argument("--callers", type=int, default=8, help="concurrent callers of the throughput runs")
-    parser.add_argument("--workers", type=int, default=4, help="server worker threads")
+    parser.add_argument("--workers", type=int, default=4, help="server worker threads per process")
+    parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="server processes (default: cores)")
     args = parser.parse_args()
     rows = []
     for name, (model, baseline, inputs) in _prepare().items():
-        proc, port = _start_server(model, baseline, args.workers)
+        proc, port = _start_server(model, baseline, args.workers, args.processes)
         try:
             _check_outputs(port, name, inputs)
             _run(port, name, inputs, 1, 1.0, True)  # warm-up
@@ -156,7 +162,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=60)
     lines = ["# Load benchmark", "",
-             f"`bench/load.py --seconds {args.seconds:g} --callers {args.callers} --workers {args.workers}` on "
+             f"`bench/load.py --seconds {args.seconds:g} --callers {args.callers} --workers {args.workers} "
+             f"--processes {args.processes}` on "
              f"{platform.machine()}, {os.cpu_count()} cores (client and server share them), Python "
              f"{platform.python_version()}. Single-input Open Inference Protocol requests, closed loop.", "",
              "| model | callers | detection | requests | errors | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|---|"]

@@ -158,7 +158,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from service.settings import load_settings
 
     settings = load_settings(args.config, model_path=args.model, baseline_path=args.baseline,
-                             model_name=args.model_name, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+                             model_name=args.model_name, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                             processes=args.processes)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(settings)
     return 0
@@ -232,10 +233,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="TOML settings file (ADVDETECT_* environment variables also apply)")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default 9100)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="server processes sharing the port (default 1; set to the number of cores)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("audit", help="summarise an audit log of flagged inputs")
-    p.add_argument("file", help="the audit log (rotated files beside it are read too)")
+    p.add_argument("file", help="the audit log (rotated files and per-process logs beside it are read too)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_audit)
     return parser

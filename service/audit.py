@@ -18,6 +18,9 @@ arrived within ``flush_interval_s`` of a batch's first record), writes a batch w
 every durable record; it loses at most the batch being written (whose tail may be a torn, partly
 written line) and records still queued. :class:`AuditReader` skips a torn last line and counts it.
 
+A server with several processes writes one log per process, ``audit.worker<k>.jsonl`` beside the
+configured path (:func:`worker_log_path`); the reader takes them all.
+
 Rotation is by batch: when the next batch would take the file past ``max_bytes``, ``audit.jsonl``
 becomes ``audit.jsonl.1`` (``.1`` becomes ``.2``, ... up to ``backups``; the oldest is dropped)
 and a new file is started, so a line never spans two files. A single batch larger than
@@ -56,6 +59,7 @@ __all__ = [
     "AuditLog",
     "AuditReader",
     "audit_files",
+    "worker_log_path",
     "make_record",
     "encode_input",
     "decode_input",
@@ -483,9 +487,14 @@ class AuditLog:
 # -- reader ---------------------------------------------------------------------------------------
 
 
-def audit_files(path: str | Path) -> list[Path]:
-    """The live file and its rotated backups, oldest first (``path.N`` ... ``path.1``, ``path``)."""
+def worker_log_path(path: str | Path, index: int) -> Path:
+    """The audit file of server process ``index`` when several share the port: ``audit.worker<index>.jsonl``."""
     path = Path(path)
+    return path.with_name(f"{path.stem}.worker{index}{path.suffix}")
+
+
+def _rotated(path: Path) -> list[Path]:
+    """One log's rotated backups and live file, oldest first (``path.N`` ... ``path.1``, ``path``)."""
     backups = []
     for candidate in path.parent.glob(f"{path.name}.*"):
         suffix = candidate.name[len(path.name) + 1:]
@@ -495,6 +504,18 @@ def audit_files(path: str | Path) -> list[Path]:
     if path.exists():
         files.append(path)
     return files
+
+
+def audit_files(path: str | Path) -> list[Path]:
+    """The files of an audit log: ``path`` and the per-process logs beside it (:func:`worker_log_path`),
+    each as its rotated backups then its live file, oldest first."""
+    path = Path(path)
+    workers = []
+    for candidate in path.parent.glob(f"{path.stem}.worker*{path.suffix}"):
+        index = candidate.name[len(path.stem) + len(".worker"):len(candidate.name) - len(path.suffix)]
+        if index.isdigit():
+            workers.append((int(index), candidate))
+    return [f for log in [path, *(p for _, p in sorted(workers))] for f in _rotated(log)]
 
 
 class AuditReader:
@@ -509,7 +530,8 @@ class AuditReader:
     path : str or Path
         The live file (``audit.jsonl``).
     include_rotated : bool, default True
-        Also read ``audit.jsonl.N`` ... ``audit.jsonl.1`` first.
+        Also read ``audit.jsonl.N`` ... ``audit.jsonl.1`` first, and the logs of the server's
+        processes when it ran several (``audit.worker<k>.jsonl`` and their backups).
 
     Raises
     ------
@@ -529,7 +551,8 @@ class AuditReader:
         self.corrupt_lines = 0
         files = audit_files(self.path) if self.include_rotated else [self.path] if self.path.exists() else []
         if not files:
-            raise DataError(f"audit log {self.path} does not exist (nor do rotated files {self.path.name}.N)")
+            raise DataError(f"audit log {self.path} does not exist (nor do rotated files {self.path.name}.N "
+                            f"or per-process logs {self.path.stem}.worker<k>{self.path.suffix})")
         self.files = files
         for file in files:
             with open(file, "rb") as handle:

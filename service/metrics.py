@@ -17,10 +17,18 @@ name                                         type       labels
 ``advdetect_inflight_requests``              gauge
 ``advdetect_window_flag_ratio``              gauge      (flagged / inputs in the rolling window)
 ``advdetect_population_anomaly_score``       gauge      (rolling window vs calibrated windows)
-``advdetect_baseline_info``                  info (1)   version, model_sha256
+``advdetect_baseline_info``                  gauge (1)  version, model_sha256
 ===========================================  =========  =====================================
 
 The two window gauges are NaN until the window has data.
+
+Several server processes (``processes`` > 1, :mod:`service.workers`) write their metrics to memory-mapped
+files (prometheus_client's multiprocess mode, switched on by ``PROMETHEUS_MULTIPROC_DIR`` in each worker's
+environment) and the supervisor serves their aggregate: counters and histograms are summed,
+``advdetect_inflight_requests`` is the sum over live processes, the two window gauges keep one series per
+process (a ``pid`` label: each process has its own window) and ``advdetect_baseline_info`` the maximum.
+The baseline's info is therefore a gauge set to 1 (the ``*_info`` convention), since prometheus_client's
+``Info`` type has no multiprocess mode.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from dataclasses import dataclass
 from typing import ContextManager
 
 from detector import STAGES as PIPELINE_STAGES
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, start_http_server
 
 __all__ = [
     "STAGES",
@@ -40,6 +48,7 @@ __all__ = [
     "ServiceMetrics",
     "MetricsServer",
     "start_metrics_server",
+    "multiprocess_registry",
 ]
 
 #: Pipeline stages timed by ``advdetect_stage_duration_seconds``.
@@ -69,8 +78,8 @@ class ServiceMetrics:
     requests_total, inputs_total, flags_total : Counter
     request_duration_seconds, stage_duration_seconds : Histogram
     inflight_requests, window_flag_ratio, population_anomaly_score : Gauge
-    baseline : Info
-        Exposed as ``advdetect_baseline_info{version,model_sha256} 1``.
+    baseline_info : Gauge
+        ``advdetect_baseline_info{version,model_sha256} 1``.
 
     Notes
     -----
@@ -102,26 +111,28 @@ class ServiceMetrics:
         )
         self.inflight_requests = Gauge(
             "advdetect_inflight_requests", "Calls of the application services in progress.", registry=registry,
+            multiprocess_mode="livesum",
         )
         self.window_flag_ratio = Gauge(
             "advdetect_window_flag_ratio", "Fraction of the inputs in the rolling window that raised any flag.",
-            registry=registry,
+            registry=registry, multiprocess_mode="liveall",
         )
         self.population_anomaly_score = Gauge(
             "advdetect_population_anomaly_score",
             "Anomaly score of the rolling window's population Betti curves against the calibrated clean windows "
             "(higher = more suspicious).",
-            registry=registry,
+            registry=registry, multiprocess_mode="liveall",
         )
-        self.baseline = Info(
-            "advdetect_baseline", "The baseline being served: its version and the sha256 of its model.",
-            registry=registry,
+        self.baseline_info = Gauge(
+            "advdetect_baseline_info", "The baseline being served (value 1): its version and the sha256 of its model.",
+            ["version", "model_sha256"], registry=registry, multiprocess_mode="livemax",
         )
         for stage in STAGES:
             self.stage_duration_seconds.labels(stage=stage)
         self.window_flag_ratio.set(float("nan"))
         self.population_anomaly_score.set(float("nan"))
         self._lock = threading.Lock()
+        self._baseline_labels: tuple[str, str] | None = None
 
     def touch(
         self,
@@ -156,7 +167,11 @@ class ServiceMetrics:
 
     def set_baseline(self, version: str, model_sha256: str) -> None:
         """Publish the served baseline's version and model hash (replaces any earlier value)."""
-        self.baseline.info({"version": str(version), "model_sha256": str(model_sha256)})
+        labels = (str(version), str(model_sha256))
+        if self._baseline_labels not in (None, labels):
+            self.baseline_info.remove(*self._baseline_labels)
+        self.baseline_info.labels(*labels).set(1)
+        self._baseline_labels = labels
 
     def stage_timer(self, stage: str) -> ContextManager[object]:
         """``with metrics.stage_timer("topology"): ...`` observes the block's duration.
@@ -233,3 +248,11 @@ def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "0.
     """
     server, thread = start_http_server(port, addr=host, registry=registry)
     return MetricsServer(host=host, port=server.server_port, _server=server, _thread=thread)
+
+
+def multiprocess_registry(path: str) -> CollectorRegistry:
+    """A registry that collects the metrics every worker process wrote under ``path`` (their
+    ``PROMETHEUS_MULTIPROC_DIR``), aggregated as the module docstring says."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=path)
+    return registry

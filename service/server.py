@@ -36,9 +36,9 @@ from service.protocol import (
     oip_pb2_grpc,
 )
 from service.servicers import DetectorServicer, InferenceServicer
-from service.settings import ServiceSettings
+from service.settings import ServiceSettings, SettingsError
 
-__all__ = ["RunningServer", "create_server", "serve"]
+__all__ = ["RunningServer", "SWITCH_INTERVAL_S", "create_server", "serve", "stop_event"]
 
 logger = logging.getLogger("advdetect.server")
 
@@ -52,7 +52,7 @@ class RunningServer:
     health: health.HealthServicer
     core: DetectionCore
     metrics: ServiceMetrics
-    metrics_server: MetricsServer
+    metrics_server: MetricsServer | None
     audit: AuditLog | None
     settings: ServiceSettings
 
@@ -64,7 +64,8 @@ class RunningServer:
         self.core.stop()
         if self.audit is not None:
             self.audit.close()
-        self.metrics_server.shutdown()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
 
 
 def _version() -> str:
@@ -74,8 +75,12 @@ def _version() -> str:
         return "0"
 
 
-def create_server(settings: ServiceSettings, registry: CollectorRegistry | None = None) -> RunningServer:
+def create_server(settings: ServiceSettings, registry: CollectorRegistry | None = None, *,
+                  serve_metrics: bool = True) -> RunningServer:
     """Load, warm up and start a server for ``settings``; health is SERVING once it returns.
+
+    ``serve_metrics=False`` starts no ``/metrics`` endpoint (a worker process whose metrics its
+    supervisor serves, :mod:`service.workers`).
 
     Raises
     ------
@@ -106,14 +111,17 @@ def create_server(settings: ServiceSettings, registry: CollectorRegistry | None 
     enable_reflection(server)
     credentials = settings.server_credentials()
     address = settings.grpc_address
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    metrics_server = start_metrics_server(registry, settings.metrics_port, settings.metrics_host)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        raise SettingsError(f"cannot listen on {address} (grpc_port in use, or the host is not local?): {exc}") from None
+    metrics_server = start_metrics_server(registry, settings.metrics_port, settings.metrics_host) if serve_metrics else None
     server.start()
     core.warm_up()
     for name in all_services:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("serving %s (baseline %s) on port %d, metrics on port %d%s", core.model_name, detector.version, port,
-                metrics_server.port, " with TLS" if credentials else "")
+    logger.info("serving %s (baseline %s) on port %d%s%s", core.model_name, detector.version, port,
+                f", metrics on port {metrics_server.port}" if metrics_server else "", " with TLS" if credentials else "")
     return RunningServer(server, port, health_servicer, core, metrics, metrics_server, audit, settings)
 
 
@@ -124,10 +132,8 @@ def create_server(settings: ServiceSettings, registry: CollectorRegistry | None 
 SWITCH_INTERVAL_S = 0.0005
 
 
-def serve(settings: ServiceSettings) -> None:
-    """Run until SIGTERM or SIGINT, then drain gracefully."""
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    running = create_server(settings)
+def stop_event(settings: ServiceSettings) -> threading.Event:
+    """An event set by SIGTERM or SIGINT (installed on the calling, main, thread)."""
     done = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -136,6 +142,20 @@ def serve(settings: ServiceSettings) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    return done
+
+
+def serve(settings: ServiceSettings) -> None:
+    """Run until SIGTERM or SIGINT, then drain gracefully; ``processes`` > 1 runs :func:`service.workers.serve_processes`."""
+    if settings.processes > 1:
+        from service.workers import serve_processes
+
+        serve_processes(settings)
+        return
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    running = create_server(settings)
+    done = stop_event(settings)
+    assert running.metrics_server is not None
     print(f"advdetect serving {running.core.model_name} on port {running.port}, "
           f"metrics on port {running.metrics_server.port}", flush=True)
     done.wait()

@@ -61,10 +61,15 @@ class ServiceSettings(BaseSettings):
     metrics_host : str, default "0.0.0.0"
     metrics_port : int, default 9100
         Prometheus ``/metrics`` over HTTP; 0 picks a free port.
+    processes : int, default 1
+        Server processes sharing the gRPC port (SO_REUSEPORT; :mod:`service.workers`). Python threads
+        share one interpreter lock, so one process uses about 1.4 cores under load; set this to the
+        number of cores the server may use. Each process holds its own copy of the model and
+        baseline, population window and audit file; connections, not requests, are balanced.
     workers : int, default 4
-        Threads serving requests.
+        Threads serving requests, per process.
     max_inflight_requests : int, default 64
-        Calls in progress beyond which new ones get RESOURCE_EXHAUSTED.
+        Calls in progress (per process) beyond which new ones get RESOURCE_EXHAUSTED.
     max_batch_size : int, default 256
         Largest batch (inputs per request) accepted.
     max_message_bytes : int, default 16 MiB
@@ -109,6 +114,7 @@ class ServiceSettings(BaseSettings):
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9100, ge=0, le=65535)
 
+    processes: int = Field(1, ge=1, le=64)
     workers: int = Field(4, ge=1, le=256)
     max_inflight_requests: int = Field(64, ge=1)
     max_batch_size: int = Field(256, ge=1)
@@ -228,10 +234,12 @@ class ServiceSettings(BaseSettings):
         )
 
     def grpc_options(self) -> list[tuple[str, int]]:
-        """Channel options applying ``max_message_bytes`` to received and sent messages."""
+        """Server options: ``max_message_bytes`` for received and sent messages; with several
+        processes, ``SO_REUSEPORT`` so that they can bind the same port."""
         return [
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", int(self.processes > 1)),
         ]
 
 

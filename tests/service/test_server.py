@@ -48,7 +48,11 @@ def stub(server):
 
 
 def _scrape(server) -> dict[tuple[str, tuple], float]:
-    text = urllib.request.urlopen(server.metrics_server.url, timeout=5).read().decode()
+    return _scrape_url(server.metrics_server.url)
+
+
+def _scrape_url(url: str) -> dict[tuple[str, tuple], float]:
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -246,9 +250,14 @@ def test_a_mismatched_or_corrupt_baseline_refuses_to_start(demo_models, cnn_base
                            "--baseline", str(tmp_path), "--grpc-port", "0", "--metrics-port", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "corrupt: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "detector.cli", "serve", "--model", str(demo_models / "digits_cnn.onnx"),
+                           "--baseline", str(tmp_path), "--grpc-port", "0", "--metrics-port", "0", "--processes", "2"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "corrupt: not valid JSON" in proc.stderr, proc.stderr  # a worker's error
 
 
-def _start_subprocess_server(demo_models, baseline, tmp_path, *extra_env) -> tuple[subprocess.Popen, int]:
+def _start_subprocess_server(demo_models, baseline, tmp_path, *extra_env) -> tuple[subprocess.Popen, int, int]:
+    """``advdetect serve`` in a subprocess: (process, gRPC port, metrics port) once it is ready."""
     env = {**os.environ, "ADVDETECT_GRPC_HOST": "127.0.0.1", "ADVDETECT_METRICS_HOST": "127.0.0.1",
            "ADVDETECT_GRACE_PERIOD_S": "30", **dict(extra_env)}
     proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", "--model", str(demo_models / "digits_cnn.onnx"),
@@ -256,11 +265,12 @@ def _start_subprocess_server(demo_models, baseline, tmp_path, *extra_env) -> tup
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline()  # "advdetect serving digits_cnn on port N, metrics on port M"
     assert "advdetect serving" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
-    return proc, int(line.split(" on port ")[1].split(",")[0])
+    ports = line.split(" on port ")
+    return proc, int(ports[1].split(",")[0]), int(ports[2].split()[0])
 
 
 def test_sigterm_drains_in_flight_requests(demo_models, cnn_baseline, tmp_path):
-    proc, port = _start_subprocess_server(demo_models, cnn_baseline[0], tmp_path)
+    proc, port, _ = _start_subprocess_server(demo_models, cnn_baseline[0], tmp_path)
     x = load_dataset("digits:test").x[:256]  # a batch that takes seconds to score
     results: dict[str, object] = {}
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -297,10 +307,10 @@ def test_sigterm_drains_in_flight_requests(demo_models, cnn_baseline, tmp_path):
 
 def test_sigkill_loses_at_most_the_unflushed_audit_batch(demo_models, cnn_baseline, tmp_path):
     audit = tmp_path / "audit.jsonl"
-    proc, port = _start_subprocess_server(demo_models, cnn_baseline[0], tmp_path,
-                                          ("ADVDETECT_AUDIT_LOG_PATH", str(audit)),
-                                          ("ADVDETECT_AUDIT_FLUSH_INTERVAL_S", "0.1"),
-                                          ("ADVDETECT_AUDIT_FLUSH_BATCH_SIZE", "8"))
+    proc, port, _ = _start_subprocess_server(demo_models, cnn_baseline[0], tmp_path,
+                                             ("ADVDETECT_AUDIT_LOG_PATH", str(audit)),
+                                             ("ADVDETECT_AUDIT_FLUSH_INTERVAL_S", "0.1"),
+                                             ("ADVDETECT_AUDIT_FLUSH_BATCH_SIZE", "8"))
     x = load_dataset("digits:test").x[:32]
     noisy = np.clip(x + np.random.default_rng(1).normal(0, 0.7, x.shape), 0, 1).astype(np.float32)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -317,6 +327,38 @@ def test_sigkill_loses_at_most_the_unflushed_audit_batch(demo_models, cnn_baseli
     assert sum(r["request_id"] == "before-kill" for r in records) == n_flagged
     assert reader.torn_lines <= 1
     assert all(r["request_id"] in ("before-kill", "racing-kill") for r in records)
+
+
+def test_several_processes_share_the_port_metrics_and_audit(demo_models, cnn_baseline, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    proc, port, metrics_port = _start_subprocess_server(demo_models, cnn_baseline[0], tmp_path,
+                                                        ("ADVDETECT_PROCESSES", "2"),
+                                                        ("ADVDETECT_AUDIT_LOG_PATH", str(audit)),
+                                                        ("ADVDETECT_AUDIT_FLUSH_INTERVAL_S", "0.05"))
+    x = load_dataset("digits:test").x[:8]
+    noisy = np.clip(x + np.random.default_rng(2).normal(0, 0.7, x.shape), 0, 1).astype(np.float32)
+    n_flagged = 0
+    # 16 connections (a local subchannel pool each): the kernel spreads connections over the 2 workers,
+    # so both get some (all on one worker has probability 2 ** -15)
+    for k in range(16):
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+            reply = detector_pb2_grpc.DetectorStub(channel).Detect(
+                detector_pb2.DetectRequest(inputs=tensor_to_proto(noisy), request_id=f"conn-{k}"), timeout=60)
+            n_flagged += sum(bool(r.flags) for r in reply.results)
+    metrics = _scrape_url(f"http://127.0.0.1:{metrics_port}/metrics")
+    assert metrics[("advdetect_inputs_total", ())] == 16 * len(noisy)  # summed over the workers
+    assert metrics[("advdetect_requests_total", (("code", "OK"), ("method", "Detect")))] == 16
+    assert metrics[("advdetect_inflight_requests", ())] == 0
+    pids = {dict(labels)["pid"] for name, labels in metrics if name == "advdetect_window_flag_ratio"}
+    assert len(pids) == 2  # one rolling window per worker
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    workers = sorted(p.name for p in tmp_path.glob("audit.worker*.jsonl"))
+    assert workers == ["audit.worker0.jsonl", "audit.worker1.jsonl"]
+    assert all(any(AuditReader(tmp_path / w, include_rotated=False)) for w in workers)  # both workers served
+    records = list(AuditReader(audit))  # the configured path reads every worker's log
+    assert n_flagged >= 16 and len(records) == n_flagged
+    assert {r["request_id"] for r in records} <= {f"conn-{k}" for k in range(16)}
 
 
 def test_serving_path_does_not_import_torch():
