@@ -86,6 +86,8 @@ def create_server(settings: ServiceSettings, registry: CollectorRegistry | None 
     ------
     ModelError, BaselineError
         The model or baseline cannot be used (the message says why).
+    SettingsError
+        The gRPC port cannot be bound (in use: only several processes of one server share a port).
     """
     health_servicer = health.HealthServicer()
     all_services = ("", *SERVED_SERVICES)
@@ -95,26 +97,26 @@ def create_server(settings: ServiceSettings, registry: CollectorRegistry | None 
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ServiceMetrics(registry)
     metrics.touch(methods=DETECTOR_METHODS + OIP_METHODS)
-    audit = AuditLog.from_settings(settings)
-    if audit is not None:
-        audit.start()
-    core = DetectionCore(detector, settings.model_name or Path(settings.model_path).stem, metrics, audit,
-                         max_batch_size=settings.max_batch_size, window_size=settings.population_window_size)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="advdetect"),
         interceptors=[ServiceInterceptor(metrics, max_inflight=settings.max_inflight_requests)],
         options=settings.grpc_options(),
     )
-    detector_pb2_grpc.add_DetectorServicer_to_server(DetectorServicer(core), server)
-    oip_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, _version()), server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    enable_reflection(server)
     credentials = settings.server_credentials()
     address = settings.grpc_address
     try:
         port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
         raise SettingsError(f"cannot listen on {address} (grpc_port in use, or the host is not local?): {exc}") from None
+    audit = AuditLog.from_settings(settings)
+    if audit is not None:
+        audit.start()
+    core = DetectionCore(detector, settings.model_name or Path(settings.model_path).stem, metrics, audit,
+                         max_batch_size=settings.max_batch_size, window_size=settings.population_window_size)
+    detector_pb2_grpc.add_DetectorServicer_to_server(DetectorServicer(core), server)
+    oip_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, _version()), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    enable_reflection(server)
     metrics_server = start_metrics_server(registry, settings.metrics_port, settings.metrics_host) if serve_metrics else None
     server.start()
     core.warm_up()

@@ -23,7 +23,7 @@ from detector import BaselineError, load_dataset
 from service.audit import AuditReader
 from service.protocol import detector_pb2, detector_pb2_grpc
 from service.server import create_server
-from service.settings import load_settings
+from service.settings import SettingsError, load_settings
 from service.tensors import tensor_to_proto
 
 
@@ -254,6 +254,11 @@ def test_a_mismatched_or_corrupt_baseline_refuses_to_start(demo_models, cnn_base
                            "--baseline", str(tmp_path), "--grpc-port", "0", "--metrics-port", "0", "--processes", "2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "corrupt: not valid JSON" in proc.stderr, proc.stderr  # a worker's error
+
+
+def test_a_port_in_use_refuses_to_start(demo_models, cnn_baseline, server):
+    with pytest.raises(SettingsError, match="cannot listen on 127.0.0.1"):
+        create_server(_settings(demo_models, cnn_baseline[0]).model_copy(update={"grpc_port": server.port}))
 
 
 def _start_subprocess_server(demo_models, baseline, tmp_path, *extra_env) -> tuple[subprocess.Popen, int, int]:
