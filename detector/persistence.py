@@ -449,6 +449,9 @@ def h0_features_by_group(
     group = np.asarray(group, dtype=np.int64)
     if sizes.size and (group.shape != deaths.shape or (group.size and not 0 <= group.min() <= group.max() < sizes.size)):
         raise InvalidInput(f"group must give each of the {deaths.shape[0]} deaths a group in [0, {sizes.size})")
+    if deaths.shape[0] > 1 and np.any(deaths[1:] > deaths[:-1]):  # not descending: a hand-made diagram
+        order = np.argsort(-deaths, kind="stable")
+        deaths, group = deaths[order], group[order] if sizes.size else group
     return _summaries(deaths, group, np.r_[float(diagram.n_vertices), sizes], q, p)
 
 
@@ -462,17 +465,13 @@ def _lerp(a: float, b: float, t: float) -> float:  # pragma: no cover (compiled)
 def _summaries(deaths, group, n_vertices, q, p):  # pragma: no cover (compiled)
     """Rows of :func:`h0_features`: row 0 for all deaths, row 1 + g for those of group g.
 
-    Each death's power and d log d are computed once for all rows; the persistent entropy of k bars
-    with total T is sum_i -(d_i/T) log(d_i/T) / log k = (log T - sum_i d_i log d_i / T) / log k.
+    ``deaths`` must be in descending order. Each death's power and d log d are computed once for
+    all rows; the persistent entropy of k bars with total T is
+    sum_i -(d_i/T) log(d_i/T) / log k = (log T - sum_i d_i log d_i / T) / log k.
     """
     n = deaths.shape[0]
     n_rows = n_vertices.shape[0]
     n_q = q.shape[0]
-    order = np.arange(n)  # deaths by decreasing value (they usually arrive so)
-    for i in range(1, n):
-        if deaths[i] > deaths[i - 1]:
-            order = np.argsort(-deaths, kind="mergesort")
-            break
     ptr = np.zeros(n_rows + 1, np.int64)  # row r's deaths, descending, at values[ptr[r]:ptr[r + 1]]
     ptr[1] = n
     if n_rows > 1:
@@ -481,20 +480,24 @@ def _summaries(deaths, group, n_vertices, q, p):  # pragma: no cover (compiled)
         for r in range(1, n_rows):
             ptr[r + 1] += ptr[r]
     values = np.empty(ptr[n_rows])
+    values[:n] = deaths
     fill = ptr[:-1].copy()
     power = np.zeros(n_rows)
     total = np.zeros(n_rows)
     dlogd = np.zeros(n_rows)
-    for i in order:
+    top = np.isinf(p)
+    for i in range(n):
         d = deaths[i]
-        x = d if p == 1.0 or np.isinf(p) else (d * d if p == 2.0 else d**p)
+        x = d if p == 1.0 or top else (d * d if p == 2.0 else d**p)
         y = d * np.log(d) if d > 0 else 0.0
-        for r in (0, 1 + group[i] if n_rows > 1 else -1):
-            if r < 0:
-                continue
+        power[0] = max(power[0], x) if top else power[0] + x
+        total[0] += d
+        dlogd[0] += y
+        if n_rows > 1:
+            r = 1 + group[i]
             values[fill[r]] = d
             fill[r] += 1
-            power[r] = max(power[r], x) if np.isinf(p) else power[r] + x
+            power[r] = max(power[r], x) if top else power[r] + x
             total[r] += d
             dlogd[r] += y
     out = np.zeros((n_rows, n_q + 3))

@@ -269,6 +269,10 @@ def test_features_by_group_equal_the_features_of_each_sub_diagram() -> None:
     shuffled = H0Diagram(deaths=rng.permutation(diagram.deaths), merge_edges=None, n_vertices=n,
                          n_components=diagram.n_components)
     np.testing.assert_allclose(h0_features(shuffled), h0_features(diagram), rtol=1e-12)
+    order = rng.permutation(diagram.n_merges)  # ... also with their groups
+    shuffled = H0Diagram(deaths=diagram.deaths[order], merge_edges=None, n_vertices=n, n_components=diagram.n_components)
+    np.testing.assert_allclose(h0_features_by_group(shuffled, group[order], sizes, quantiles=(0.0, 0.3, 0.5, 1.0), p=3.0),
+                               rows, rtol=1e-12)
     with pytest.raises(InvalidInput, match="group"):
         h0_features_by_group(diagram, group + 3, sizes)
 
