@@ -29,9 +29,10 @@ precomputed, and a block's sources are stored grouped by it, so these edges form
 target. A target's heaviest edge is found from its row of products and kept unless a union-find of
 the targets says it closes a cycle. The block then has k <= |T| components, each holding at least
 one target, and the rest of its MSF is an MSF of the graph with each component contracted to a
-vertex, where only the heaviest of the parallel edges between two components can serve. Those
-k (k - 1) / 2 links join the candidates; one Kruskal over all blocks' candidates (about 14,000 for
-LeNet-5) and the max-pool pairs' arg-max edges gives the forest.
+vertex, where only the heaviest of the parallel edges between two components can serve: a maximum
+spanning tree of those k (k - 1) / 2 links (dense Prim, O(k^2)) adds k - 1 candidates. A block thus
+passes on at most |S| + |T| - 1 edges, a spanning forest of it; one Kruskal over all blocks'
+candidates (about 17,000 for LeNet-5) and the max-pool pairs' arg-max edges gives the forest.
 
 The per-input work runs in numba kernels (no Python loop over blocks or edges) that release the
 GIL, so the service's worker threads compute features in parallel.
@@ -105,9 +106,8 @@ class _Blocks:
 
     @property
     def max_candidates(self) -> int:
-        """Upper bound on the candidate edges of all blocks: |S| + |T| + |T| (|T| - 1) / 2 per block."""
-        t = np.diff(self.dst_ptr)
-        return int((np.diff(self.src_ptr) + t + t * (t - 1) // 2).sum())
+        """Upper bound on the candidate edges of all blocks: |S| + |T| - 1 per block (a spanning forest)."""
+        return int((np.diff(self.src_ptr) + np.diff(self.dst_ptr) - 1).sum())
 
 
 def _build_blocks(graph: InducedGraph, value_offset: dict[str, int]) -> _Blocks:
@@ -193,6 +193,9 @@ def _block_forests(values, src_vertex, src_value, src_ptr, dst_vertex, dst_ptr, 
     comp = np.empty(max_t, np.int64)
     reach = np.empty(max_t * max_t, np.float32)  # reach[ra, c]: heaviest edge from component ra into target c
     link = np.empty(max_t * max_t, np.float32)  # link[ra, rb]: heaviest edge from component ra into component rb
+    best = np.empty(max_t, np.float32)  # Prim: heaviest link from the tree into each component ...
+    frm = np.empty(max_t, np.int64)  # ... its end in the tree
+    done = np.empty(max_t, np.bool_)  # component in the tree
     m = 0
     nc = 0
     for b in range(n_blocks):
@@ -288,13 +291,19 @@ def _block_forests(values, src_vertex, src_value, src_ptr, dst_vertex, dst_ptr, 
             for c in range(t):
                 i = ra * k + comp[c]
                 link[i] = max(link[i], reach[ra * t + c])
-        # one candidate per pair of components, the heavier direction; the final Kruskal sorts them out
+        # a maximum spanning forest of the components (dense Prim on the heavier direction of each link)
         for a in range(k):
-            for r in range(a + 1, k):
-                ra, rb = (a, r) if link[a * k + r] >= link[r * k + a] else (r, a)  # sources in ra, targets in rb
-                top = link[ra * k + rb]
-                if top == 0:
-                    continue
+            best[a] = 0
+            done[a] = False
+        for _ in range(k):
+            a = -1
+            for r in range(k):  # the heaviest link into the tree so far, or a new root
+                if not done[r] and (a < 0 or best[r] > best[a]):
+                    a = r
+            done[a] = True
+            top = best[a]
+            if top > 0:
+                ra, rb = (frm[a], a) if link[frm[a] * k + a] >= link[a * k + frm[a]] else (a, frm[a])  # sources in ra, targets in rb
                 c = 0
                 while comp[c] != rb or reach[ra * t + c] != top:
                     c += 1
@@ -309,6 +318,12 @@ def _block_forests(values, src_vertex, src_value, src_ptr, dst_vertex, dst_ptr, 
                 cand_w[nc] = top
                 cand_pair[nc] = pair
                 nc += 1
+            for r in range(k):
+                if not done[r]:
+                    x = max(link[a * k + r], link[r * k + a])
+                    if x > best[r]:
+                        best[r] = x
+                        frm[r] = a
     return m, nc
 
 
