@@ -73,10 +73,11 @@ def check_densities(densities: Any) -> np.ndarray:
     return rho
 
 
-def _kept_count(rho: np.ndarray, total: int) -> np.ndarray:
+@numba.njit(cache=True, nogil=True)
+def _kept_count(rho: np.ndarray, total: int) -> np.ndarray:  # pragma: no cover (compiled)
     """k = ceil(rho * total), at least 1 and at most ``total`` (rounding noise below 1e-9 ignored)."""
     k = np.ceil(rho * total - 1e-9).astype(np.int64)
-    return np.clip(k, 1, max(total, 1))
+    return np.minimum(np.maximum(k, 1), max(total, 1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,8 +248,14 @@ def strongest_cuts(weights: np.ndarray, densities: np.ndarray) -> tuple[np.ndarr
         narrow = weights.astype(np.float32)
         narrow[(weights > 0) & (narrow == 0)] = np.float32(1e-45)
         bits = narrow.view(np.uint32)
+    return _strongest_cuts(weights, bits, densities)
+
+
+@numba.njit(cache=True, nogil=True)
+def _strongest_cuts(weights, bits, densities):  # pragma: no cover (compiled)
+    """:func:`strongest_cuts` given the float32 bit patterns ``bits`` of ``weights``."""
     counts = _bucket_counts(bits)
-    m = int(counts.sum())
+    m = counts.sum()
     if m == 0:
         return np.zeros(0), np.zeros(0, dtype=np.int64)
     return _select_descending(weights, bits, counts, _kept_count(densities, m))

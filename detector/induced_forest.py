@@ -47,7 +47,7 @@ import numpy as np
 
 from detector.capture import Capture
 from detector.induced_graph import InducedGraph
-from detector.persistence import H0Diagram, maximum_spanning_forest
+from detector.persistence import H0Diagram, forest_edges
 
 __all__ = ["ForestOfInput", "InducedForest"]
 
@@ -328,10 +328,11 @@ def _block_forests(values, src_vertex, src_value, src_ptr, dst_vertex, dst_ptr, 
 
 
 @numba.njit(cache=True, nogil=True)
-def _maxpool_edges(h, windows, src_offset, dst_vertex, pair, products, m, cand_u, cand_v, cand_w, cand_pair, nc):  # pragma: no cover
+def _maxpool_edges(h, windows, value_vertex, dst_vertex, window_pair, products, m, cand_u, cand_v, cand_w, cand_pair, nc):  # pragma: no cover
     """The arg-max edge of each max-pool window (first maximum, as ``numpy.argmax``), appended at m / nc.
 
-    ``h`` holds the signed source values; window entries >= len(h) are padding.
+    ``h`` holds the signed source values of every max-pool pair (vertex ``value_vertex[i]`` for
+    ``h[i]``); window entries >= len(h) are padding.
     """
     for j in range(windows.shape[0]):
         pick = windows[j, 0]
@@ -342,10 +343,10 @@ def _maxpool_edges(h, windows, src_offset, dst_vertex, pair, products, m, cand_u
                 pick = idx
         x = np.float32(abs(h[pick]))
         products[m] = x
-        cand_u[nc] = src_offset + pick
+        cand_u[nc] = value_vertex[pick]
         cand_v[nc] = dst_vertex[j]
         cand_w[nc] = x
-        cand_pair[nc] = pair
+        cand_pair[nc] = window_pair[j]
         m += 1
         nc += 1
     return m, nc
@@ -375,9 +376,25 @@ class InducedForest:
         sizes = [graph.layer_sizes[next(p.src_layer for p in graph.pairs if p.source_tensor == t)] for t in self._tensors]
         offsets = np.r_[0, np.cumsum(sizes)].astype(int)
         self._blocks = _build_blocks(graph, dict(zip(self._tensors, offsets.tolist())))
-        self._maxpool = [(p, pair, pair.dst + graph.offsets[pair.dst_layer])
-                         for p, pair in enumerate(graph.pairs) if pair.windows is not None]
-        n_maxpool_edges = sum(len(pair.windows) for _, pair, _ in self._maxpool)  # type: ignore[arg-type]
+        # the max-pool pairs, in one kernel call: the signed values of their source tensors one after the other
+        maxpool = [(p, pair) for p, pair in enumerate(graph.pairs) if pair.windows is not None]
+        layer_of = {pair.source_tensor: pair.src_layer for _, pair in maxpool}
+        self._maxpool_tensors = list(layer_of)
+        sizes = [graph.layer_sizes[layer] for layer in layer_of.values()]
+        start = dict(zip(layer_of, np.r_[0, np.cumsum(sizes)].tolist()))
+
+        def cat(parts: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+        self._maxpool = (  # windows (padding: an index past the pair's own tensor, so past all of them), ...
+            np.concatenate([np.where(pair.windows >= graph.layer_sizes[pair.src_layer], sum(sizes),  # type: ignore[operator]
+                                     pair.windows + start[pair.source_tensor]) for _, pair in maxpool]
+                           or [np.zeros((0, 1), np.int64)]),
+            cat([np.arange(size) + graph.offsets[layer] for size, layer in zip(sizes, layer_of.values())]),  # value -> vertex
+            cat([pair.dst + graph.offsets[pair.dst_layer] for _, pair in maxpool]),  # target vertex of each window
+            cat([np.full(len(pair.windows), p) for p, pair in maxpool]),  # type: ignore[arg-type]  # its pair
+        )
+        n_maxpool_edges = len(self._maxpool[0])
         self._n_products = self._blocks.n_edges + n_maxpool_edges
         self._n_candidates = self._blocks.max_candidates + n_maxpool_edges
 
@@ -393,15 +410,10 @@ class InducedForest:
         m, nc = _block_forests(values, blocks.src_vertex, blocks.src_value, blocks.src_ptr, blocks.dst_vertex,
                                blocks.dst_ptr, blocks.block_pair, blocks.block_shape, blocks.weight, blocks.weight_ptr,
                                blocks.group_ptr, blocks.group_start, products, cand_u, cand_v, cand_w, cand_pair)
-        for p, pair, dst_vertex in self._maxpool:
-            m, nc = _maxpool_edges(graph.source_values(capture, i, pair.source_tensor), pair.windows,
-                                   graph.offsets[pair.src_layer], dst_vertex, p, products, m, cand_u, cand_v, cand_w,
-                                   cand_pair, nc)
-        merges = maximum_spanning_forest(graph.n_vertices, cand_u[:nc], cand_v[:nc], cand_w[:nc])
-        diagram = H0Diagram(
-            deaths=cand_w[merges].astype(np.float64),
-            merge_edges=np.stack([cand_u[merges], cand_v[merges]], axis=1).astype(np.int64),
-            n_vertices=graph.n_vertices,
-            n_components=graph.n_vertices - int(merges.shape[0]),
-        )
-        return ForestOfInput(diagram=diagram, merge_pair=cand_pair[merges].astype(np.int64), weights=products[:m])
+        if self._maxpool_tensors:
+            h = np.concatenate([graph.source_values(capture, i, t) for t in self._maxpool_tensors])
+            m, nc = _maxpool_edges(h, *self._maxpool, products, m, cand_u, cand_v, cand_w, cand_pair, nc)
+        deaths, edges, merge_pair = forest_edges(graph.n_vertices, cand_u[:nc], cand_v[:nc], cand_w[:nc], cand_pair[:nc])
+        diagram = H0Diagram(deaths=deaths, merge_edges=edges, n_vertices=graph.n_vertices,
+                            n_components=graph.n_vertices - int(deaths.shape[0]))
+        return ForestOfInput(diagram=diagram, merge_pair=merge_pair, weights=products[:m])

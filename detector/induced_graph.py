@@ -51,8 +51,8 @@ class LayerPair:
     """The edges that one op adds between two unit layers.
 
     ``src`` / ``dst`` are local unit indices (C order inside each tensor); ``param`` the signed parameter w.
-    For a max-pool, ``windows`` (n_dst, k) holds each output's candidate inputs (-1 for padding) and the
-    edges are chosen per input.
+    For a max-pool, ``windows`` (n_dst, k) holds each output's candidate inputs (padding: the source tensor's
+    size, one past its end) and the edges are chosen per input.
     """
 
     name: str

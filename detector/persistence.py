@@ -40,6 +40,7 @@ __all__ = [
     "DEFAULT_QUANTILES",
     "H0Diagram",
     "check_graph",
+    "forest_edges",
     "h0_feature_names",
     "h0_features",
     "h0_features_by_group",
@@ -225,6 +226,35 @@ def maximum_spanning_forest(n_vertices: int, u: np.ndarray, v: np.ndarray, weigh
     [0, n_vertices) and ``weights`` non-negative; use :func:`h0_persistence` for checked input.
     """
     return _kruskal(n_vertices, np.ascontiguousarray(u), np.ascontiguousarray(v), _sorted_keys(weights))
+
+
+def forest_edges(
+    n_vertices: int, u: np.ndarray, v: np.ndarray, weights: np.ndarray, label: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`maximum_spanning_forest`, returning the forest itself rather than positions.
+
+    Returns ``(deaths, edges, labels)``: the forest's weights in scan (descending) order as float64,
+    its edges (k, 2) as int64 and each edge's ``label`` as int64, gathered in the compiled scan. No
+    validation, as :func:`maximum_spanning_forest`.
+    """
+    u, v, label = np.ascontiguousarray(u), np.ascontiguousarray(v), np.ascontiguousarray(label)
+    return _forest_edges(n_vertices, u, v, weights, label, _sorted_keys(weights))
+
+
+@numba.njit(cache=True, nogil=True)
+def _forest_edges(n, u, v, weights, label, keys):  # pragma: no cover (compiled)
+    merges = _kruskal(n, u, v, keys)
+    k = merges.shape[0]
+    deaths = np.empty(k)
+    edges = np.empty((k, 2), np.int64)
+    labels = np.empty(k, np.int64)
+    for j in range(k):
+        e = merges[j]
+        deaths[j] = weights[e]
+        edges[j, 0] = u[e]
+        edges[j, 1] = v[e]
+        labels[j] = label[e]
+    return deaths, edges, labels
 
 
 def h0_persistence(n_vertices: int, edges: np.ndarray, weights: np.ndarray) -> H0Diagram:

@@ -105,6 +105,13 @@ def test_hand_made_graph_gives_maximum_spanning_forest_weights() -> None:
     fast = h0_persistence(6, edges, weights)
     np.testing.assert_array_equal(fast.merge_index, [3, 0, 2])
     np.testing.assert_array_equal(fast.merge_edges, [[3, 4], [0, 1], [0, 2]])
+    # the forest itself, with a label carried along, from float32 weights (what induced graphs carry)
+    deaths, forest, labels = persistence.forest_edges(6, edges[:, 0], edges[:, 1], weights.astype(np.float32),
+                                                      np.arange(10, 15))
+    np.testing.assert_array_equal(deaths, [5.0, 3.0, 2.0])
+    np.testing.assert_array_equal(forest, [[3, 4], [0, 1], [0, 2]])
+    np.testing.assert_array_equal(labels, [13, 10, 12])
+    assert deaths.dtype == np.float64 and forest.dtype == labels.dtype == np.int64
 
 
 def test_graph_without_nonzero_edges_has_only_essential_bars() -> None:
