@@ -367,11 +367,18 @@ class NodeSelector:
             node_layer.append(np.full(q, i, dtype=np.int64))
             node_unit.append(units.astype(np.int64))
             node_var.append(var[units])
-        self.layers_ = list(layers)
-        self.layer_shapes_ = [tuple(int(s) for s in a.shape[1:]) for a in layers.values()]
-        self.node_layer_ = np.concatenate(node_layer)
-        self.node_unit_ = np.concatenate(node_unit)
-        self.node_variance_ = np.concatenate(node_var).astype(np.float64)
+        return self._set_nodes(list(layers), [tuple(int(s) for s in a.shape[1:]) for a in layers.values()],
+                               np.concatenate(node_layer), np.concatenate(node_unit), np.concatenate(node_var))
+
+    def _set_nodes(self, layers: list[str], shapes: list[tuple[int, ...]], node_layer: np.ndarray,
+                   node_unit: np.ndarray, node_variance: np.ndarray) -> "NodeSelector":
+        """Set the fitted attributes, and the node columns of each layer that :meth:`transform` fills."""
+        self.layers_ = layers
+        self.layer_shapes_ = shapes
+        self.node_layer_ = node_layer.astype(np.int64)
+        self.node_unit_ = node_unit.astype(np.int64)
+        self.node_variance_ = node_variance.astype(np.float64)
+        self._columns = [np.flatnonzero(self.node_layer_ == i) for i in range(len(layers))]
         return self
 
     @property
@@ -396,10 +403,12 @@ class NodeSelector:
             If a fitted layer is missing, has another per-sample shape, or holds NaN/Inf.
         """
         self._check_fitted()
-        layers = _check_activations(activations)
-        missing = [name for name in self.layers_ if name not in layers]
+        if not isinstance(activations, Mapping):
+            raise InvalidInput(f"activations must be a mapping of layer name to array, got {type(activations).__name__}")
+        missing = [name for name in self.layers_ if name not in activations]
         if missing:
             raise InvalidInput(f"activations lack layer(s) {missing}; expected {self.layers_}")
+        layers = _check_activations({name: activations[name] for name in self.layers_})  # only the fitted ones
         n_samples = layers[self.layers_[0]].shape[0]
         out = np.empty((n_samples, self.node_layer_.shape[0]), dtype=np.float64)
         for i, (name, shape) in enumerate(zip(self.layers_, self.layer_shapes_)):
@@ -408,11 +417,13 @@ class NodeSelector:
                 raise InvalidInput(
                     f"layer {name!r}: expected per-sample shape {shape}, got {tuple(array.shape[1:])}"
                 )
-            if array.shape[0] != n_samples:
-                raise InvalidInput(f"layer {name!r}: expected {n_samples} samples, got {array.shape[0]}")
-            mine = self.node_layer_ == i
-            if mine.any():  # only the selected units (channels): a window sees every request
-                out[:, mine] = _node_values(name, array[:, self.node_unit_[mine]])
+            columns = self._columns[i]
+            if columns.size:  # only the selected units (channels): a window sees every request
+                units = array[:, self.node_unit_[columns]]
+                out[:, columns] = units.reshape(n_samples, columns.size, -1).mean(axis=2, dtype=np.float64)
+        if not np.all(np.isfinite(out)):
+            name = self.layers_[self.node_layer_[np.flatnonzero(~np.isfinite(out).all(axis=0))[0]]]
+            raise InvalidInput(f"activations of layer {name!r} contain NaN or Inf")
         return out
 
     def fit_transform(self, activations: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -470,12 +481,7 @@ class NodeSelector:
             or np.any(node_unit >= np.array([shapes[i][0] for i in node_layer]))
         ):
             raise BaselineError("NodeSelector state refers to layers or units that do not exist")
-        selector.layers_ = layers
-        selector.layer_shapes_ = shapes
-        selector.node_layer_ = node_layer.astype(np.int64)
-        selector.node_unit_ = node_unit.astype(np.int64)
-        selector.node_variance_ = node_variance.astype(np.float64)
-        return selector
+        return selector._set_nodes(layers, shapes, node_layer, node_unit, node_variance)
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "node_layer_"):

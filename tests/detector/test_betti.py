@@ -330,7 +330,7 @@ def test_node_selector_reports_misuse(digits_activations) -> None:
     bad = digits_activations["dense"].copy()
     dense = selector.layers_.index("dense")
     bad[0, selector.node_unit_[selector.node_layer_ == dense][0]] = np.nan  # a unit the selector reads
-    with pytest.raises(InvalidInput, match="NaN"):
+    with pytest.raises(InvalidInput, match="layer 'dense' contain NaN"):
         selector.transform({"conv": digits_activations["conv"], "dense": bad})
 
 
