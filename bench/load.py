@@ -12,8 +12,10 @@ The client and the server share the machine's 2 cores, so the callers send reque
 the clock starts, on raw gRPC channels: per call the client does no protobuf work (tritonclient builds and
 parses each message in Python, which takes a large share of a core; the tests exercise tritonclient itself).
 
-Reported per mode: requests, throughput (requests/s), p50 and p99 latency (ms), and the ratios. One caller
-measures the latency detection adds; several callers measure throughput. Results go to
+Reported per mode: requests, throughput (requests/s), p50 and p99 latency (ms), and the ratios; several
+callers measure throughput. The latency detection adds to a single request is measured by one caller
+alternating detection-on and detection-off requests, so that both modes meet the same phase of a shared
+machine's speed (separate runs differed by up to 0.3 ms for the same code). Results go to
 ``bench/results/load.md``. Run: ``make bench`` or ``.venv/bin/python bench/load.py [--seconds 10]``.
 """
 
@@ -140,6 +142,30 @@ def _run(port: int, model_name: str, inputs: np.ndarray, callers: int, seconds: 
             "p99_ms": float(np.percentile(lat, 99)) if lat.size else float("nan")}
 
 
+def _alternating(port: int, model_name: str, inputs: np.ndarray, seconds: float) -> dict:
+    """One caller alternating detection-on and detection-off requests: the latency detection adds, paired in time.
+
+    Separate on and off runs can land in different phases of a shared machine's speed; alternating puts
+    every on request next to an off one. Returns the p50 of each mode and their difference.
+    """
+    import grpc
+
+    requests = {mode: _requests(model_name, inputs, mode) for mode in (True, False)}
+    latencies: dict[bool, list[float]] = {True: [], False: []}
+    stop_at = time.perf_counter() + seconds
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        i = 0
+        while time.perf_counter() < stop_at:
+            for mode in (True, False):
+                t0 = time.perf_counter()
+                infer(requests[mode][i % len(inputs)], timeout=30)
+                latencies[mode].append(time.perf_counter() - t0)
+            i += 1
+    on, off = (float(np.median(latencies[m]) * 1e3) for m in (True, False))
+    return {"pairs": i, "on_p50_ms": on, "off_p50_ms": off, "added_p50_ms": on - off}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each run")
@@ -147,7 +173,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="server worker threads per process")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="server processes (default: cores)")
     args = parser.parse_args()
-    rows = []
+    rows, paired = [], {}
     for name, (model, baseline, inputs) in _prepare().items():
         proc, port = _start_server(model, baseline, args.workers, args.processes)
         try:
@@ -158,6 +184,8 @@ def main() -> None:
                 off = _run(port, name, inputs, callers, args.seconds, False)
                 rows.append((name, callers, on, off))
                 print(f"[load] {name} callers={callers}: on {on}, off {off}", flush=True)
+            paired[name] = _alternating(port, name, inputs, args.seconds)
+            print(f"[load] {name} alternating on/off: {paired[name]}", flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -174,6 +202,11 @@ def main() -> None:
     lines += ["", "| model | callers | p50 added by detection (ms) | throughput on / off |", "|---|---|---|---|"]
     for name, callers, on, off in rows:
         lines.append(f"| {name} | {callers} | {on['p50_ms'] - off['p50_ms']:.2f} | {on['rps'] / off['rps']:.2f} |")
+    lines += ["", "Latency added by detection to a single-input request, one caller alternating detection-on and "
+              "detection-off requests (each pair back to back, so both modes see the same machine):", "",
+              "| model | pairs | p50 on ms | p50 off ms | p50 added by detection (ms) |", "|---|---|---|---|---|"]
+    for name, r in paired.items():
+        lines.append(f"| {name} | {r['pairs']} | {r['on_p50_ms']:.2f} | {r['off_p50_ms']:.2f} | {r['added_p50_ms']:.2f} |")
     text = "\n".join(lines) + "\n"
     out = RESULTS / "load.md"
     out.parent.mkdir(parents=True, exist_ok=True)
