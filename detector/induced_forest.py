@@ -160,6 +160,45 @@ def _build_blocks(graph: InducedGraph, value_offset: dict[str, int]) -> _Blocks:
     )
 
 
+@dataclass(frozen=True)
+class _MaxPools:
+    """Every max-pool window of the graph, for one kernel call over the values of all their source tensors.
+
+    The source tensors' signed values are laid one after the other (:func:`_build_maxpools` gives their
+    order); value i is vertex ``value_vertex[i]``. Window j (a row of ``windows``, padded with indices past
+    the end) feeds vertex ``dst_vertex[j]`` through layer pair ``window_pair[j]``.
+    """
+
+    windows: np.ndarray
+    value_vertex: np.ndarray
+    dst_vertex: np.ndarray
+    window_pair: np.ndarray
+
+
+def _build_maxpools(graph: InducedGraph) -> tuple[list[str], _MaxPools]:
+    """The max-pool pairs' source tensors, in value order, and their windows in global value indices."""
+    pools = [(p, pair, pair.windows) for p, pair in enumerate(graph.pairs) if pair.windows is not None]
+    layer_of = {pair.source_tensor: pair.src_layer for _, pair, _ in pools}
+    sizes = [graph.layer_sizes[layer] for layer in layer_of.values()]
+    start = dict(zip(layer_of, np.r_[0, np.cumsum(sizes)].tolist()))
+    end = sum(sizes)
+    windows = np.full((sum(len(w) for _, _, w in pools), max((w.shape[1] for _, _, w in pools), default=1)), end, np.int64)
+    row = 0
+    for _, pair, w in pools:  # (pools of other sizes keep the padding on the right)
+        windows[row:row + len(w), :w.shape[1]] = np.where(w >= graph.layer_sizes[pair.src_layer], end, w + start[pair.source_tensor])
+        row += len(w)
+
+    def cat(parts: list[np.ndarray]) -> np.ndarray:
+        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+    return list(layer_of), _MaxPools(
+        windows=windows,
+        value_vertex=cat([np.arange(size) + graph.offsets[layer] for size, layer in zip(sizes, layer_of.values())]),
+        dst_vertex=cat([pair.dst + graph.offsets[pair.dst_layer] for _, pair, _ in pools]),
+        window_pair=cat([np.full(len(w), p) for p, _, w in pools]),
+    )
+
+
 @numba.njit(cache=True, nogil=True, inline="always")
 def _root(parent: np.ndarray, a: int) -> int:  # pragma: no cover (compiled)
     while parent[a] != a:
@@ -376,25 +415,8 @@ class InducedForest:
         sizes = [graph.layer_sizes[next(p.src_layer for p in graph.pairs if p.source_tensor == t)] for t in self._tensors]
         offsets = np.r_[0, np.cumsum(sizes)].astype(int)
         self._blocks = _build_blocks(graph, dict(zip(self._tensors, offsets.tolist())))
-        # the max-pool pairs, in one kernel call: the signed values of their source tensors one after the other
-        maxpool = [(p, pair) for p, pair in enumerate(graph.pairs) if pair.windows is not None]
-        layer_of = {pair.source_tensor: pair.src_layer for _, pair in maxpool}
-        self._maxpool_tensors = list(layer_of)
-        sizes = [graph.layer_sizes[layer] for layer in layer_of.values()]
-        start = dict(zip(layer_of, np.r_[0, np.cumsum(sizes)].tolist()))
-
-        def cat(parts: list[np.ndarray]) -> np.ndarray:
-            return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
-
-        self._maxpool = (  # windows (padding: an index past the pair's own tensor, so past all of them), ...
-            np.concatenate([np.where(pair.windows >= graph.layer_sizes[pair.src_layer], sum(sizes),  # type: ignore[operator]
-                                     pair.windows + start[pair.source_tensor]) for _, pair in maxpool]
-                           or [np.zeros((0, 1), np.int64)]),
-            cat([np.arange(size) + graph.offsets[layer] for size, layer in zip(sizes, layer_of.values())]),  # value -> vertex
-            cat([pair.dst + graph.offsets[pair.dst_layer] for _, pair in maxpool]),  # target vertex of each window
-            cat([np.full(len(pair.windows), p) for p, pair in maxpool]),  # type: ignore[arg-type]  # its pair
-        )
-        n_maxpool_edges = len(self._maxpool[0])
+        self._maxpool_tensors, self._maxpool = _build_maxpools(graph)
+        n_maxpool_edges = len(self._maxpool.windows)
         self._n_products = self._blocks.n_edges + n_maxpool_edges
         self._n_candidates = self._blocks.max_candidates + n_maxpool_edges
 
@@ -412,7 +434,9 @@ class InducedForest:
                                blocks.group_ptr, blocks.group_start, products, cand_u, cand_v, cand_w, cand_pair)
         if self._maxpool_tensors:
             h = np.concatenate([graph.source_values(capture, i, t) for t in self._maxpool_tensors])
-            m, nc = _maxpool_edges(h, *self._maxpool, products, m, cand_u, cand_v, cand_w, cand_pair, nc)
+            mp = self._maxpool
+            m, nc = _maxpool_edges(h, mp.windows, mp.value_vertex, mp.dst_vertex, mp.window_pair, products, m,
+                                   cand_u, cand_v, cand_w, cand_pair, nc)
         deaths, edges, merge_pair = forest_edges(graph.n_vertices, cand_u[:nc], cand_v[:nc], cand_w[:nc], cand_pair[:nc])
         diagram = H0Diagram(deaths=deaths, merge_edges=edges, n_vertices=graph.n_vertices,
                             n_components=graph.n_vertices - int(deaths.shape[0]))

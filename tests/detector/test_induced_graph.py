@@ -34,6 +34,20 @@ class StridedNet(nn.Module):
         return self.fc(h.mean(dim=(2, 3), keepdim=True).flatten(1))
 
 
+class TwoPoolNet(nn.Module):
+    """Two max-pools of different window sizes, the second one without a ReLU before it (signed inputs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(1, 4, 3)
+        self.c2 = nn.Conv2d(4, 5, 2)
+        self.fc = nn.Linear(5 * 2 * 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.max_pool2d(torch.relu(self.c1(x)), 3, stride=2, padding=1)
+        return self.fc(nn.functional.max_pool2d(self.c2(h), 2).flatten(1))
+
+
 def _export(model: nn.Module, path, shape) -> None:
     buf = io.BytesIO()
     with warnings.catch_warnings():
@@ -163,6 +177,13 @@ def test_forest_matches_the_full_graph_on_every_op_kind(tmp_path):
     x = np.random.default_rng(2).random((4, 1, 11, 11), dtype=np.float32)
     x[0, 0, :4] = 0.0  # dead inputs: sources without edges
     _assert_forest_matches_edges(path, x)
+
+
+def test_forest_matches_the_full_graph_with_max_pools_of_two_sizes(tmp_path):
+    torch.manual_seed(4)
+    path = tmp_path / "two_pools.onnx"
+    _export(TwoPoolNet(), path, (1, 12, 12))
+    _assert_forest_matches_edges(path, np.random.default_rng(5).random((4, 1, 12, 12), dtype=np.float32))
 
 
 def test_forest_matches_ripser_with_massive_ties(tmp_path):
