@@ -184,8 +184,9 @@ def _build_maxpools(graph: InducedGraph) -> tuple[list[str], _MaxPools]:
     end = sum(sizes)
     windows = np.full((sum(len(w) for _, _, w in pools), max((w.shape[1] for _, _, w in pools), default=1)), end, np.int64)
     row = 0
-    for _, pair, w in pools:  # (pools of other sizes keep the padding on the right)
-        windows[row:row + len(w), :w.shape[1]] = np.where(w >= graph.layer_sizes[pair.src_layer], end, w + start[pair.source_tensor])
+    for _, pair, w in pools:  # each pair's windows moved to its tensor's place; narrower ones padded on the right
+        windows[row:row + len(w), :w.shape[1]] = np.where(w >= graph.layer_sizes[pair.src_layer], end,
+                                                          w + start[pair.source_tensor])
         row += len(w)
 
     def cat(parts: list[np.ndarray]) -> np.ndarray:

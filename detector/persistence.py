@@ -515,19 +515,19 @@ def _summaries(deaths, group, n_vertices, q, p):  # pragma: no cover (compiled)
     power = np.zeros(n_rows)
     total = np.zeros(n_rows)
     dlogd = np.zeros(n_rows)
-    top = np.isinf(p)
+    sup_norm = np.isinf(p)  # p = inf: the largest death
     for i in range(n):
         d = deaths[i]
-        x = d if p == 1.0 or top else (d * d if p == 2.0 else d**p)
+        x = d if p == 1.0 or sup_norm else (d * d if p == 2.0 else d**p)
         y = d * np.log(d) if d > 0 else 0.0
-        power[0] = max(power[0], x) if top else power[0] + x
+        power[0] = max(power[0], x) if sup_norm else power[0] + x
         total[0] += d
         dlogd[0] += y
         if n_rows > 1:
             r = 1 + group[i]
             values[fill[r]] = d
             fill[r] += 1
-            power[r] = max(power[r], x) if top else power[r] + x
+            power[r] = max(power[r], x) if sup_norm else power[r] + x
             total[r] += d
             dlogd[r] += y
     out = np.zeros((n_rows, n_q + 3))
