@@ -419,11 +419,7 @@ class NodeSelector:
                 )
             columns = self._columns[i]
             if columns.size:  # only the selected units (channels): a window sees every request
-                units = array[:, self.node_unit_[columns]]
-                out[:, columns] = units.reshape(n_samples, columns.size, -1).mean(axis=2, dtype=np.float64)
-        if not np.all(np.isfinite(out)):
-            name = self.layers_[self.node_layer_[np.flatnonzero(~np.isfinite(out).all(axis=0))[0]]]
-            raise InvalidInput(f"activations of layer {name!r} contain NaN or Inf")
+                out[:, columns] = _node_values(name, array[:, self.node_unit_[columns]])
         return out
 
     def fit_transform(self, activations: Mapping[str, np.ndarray]) -> np.ndarray:
