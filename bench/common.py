@@ -25,6 +25,15 @@ MNIST = ROOT.parent / "shared" / "data" / "mnist"
 N_TRAIN, N_CALIB_END = 6000, 8000
 
 
+def write_result(name: str, lines: list[str]) -> str:
+    """Write a benchmark's markdown lines to ``bench/results/<name>``, print them, and return the text."""
+    text = "\n".join(lines) + "\n"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / name).write_text(text)
+    print(text)
+    return text
+
+
 def _part(data: Dataset, start: int, stop: int) -> Dataset:
     return Dataset(data.x[start:stop], data.y[start:stop], f"mnist[{start}:{stop}]")
 

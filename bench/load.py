@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import RESULTS, ROOT, digits_cnn, lenet5, mnist_splits  # noqa: E402  (puts ROOT on sys.path)
+from common import ROOT, digits_cnn, lenet5, mnist_splits, write_result  # noqa: E402  (puts ROOT on sys.path)
 
 from detector import load_dataset  # noqa: E402
 
@@ -207,11 +207,7 @@ def main() -> None:
               "| model | pairs | p50 on ms | p50 off ms | p50 added by detection (ms) |", "|---|---|---|---|---|"]
     for name, r in paired.items():
         lines.append(f"| {name} | {r['pairs']} | {r['on_p50_ms']:.2f} | {r['off_p50_ms']:.2f} | {r['added_p50_ms']:.2f} |")
-    text = "\n".join(lines) + "\n"
-    out = RESULTS / "load.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_result("load.md", lines)
 
 
 if __name__ == "__main__":

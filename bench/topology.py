@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from common import RESULTS, ROOT, digits_cnn, lenet5, mnist_splits  # noqa: E402  (puts ROOT on sys.path)
+from common import ROOT, digits_cnn, lenet5, mnist_splits, write_result  # noqa: E402  (puts ROOT on sys.path)
 
 from detector import Dataset, OnnxClassifier, load_dataset  # noqa: E402
 from detector.graph_features import InducedGraphFeatures  # noqa: E402
@@ -127,11 +127,7 @@ def main() -> None:
     for name, a in aurocs.items():
         change = max(abs(a[q] - a[1.0]) for q in Q_VALUES)
         lines.append(f"| {name} | " + " | ".join(f"{a[q]:.4f}" for q in Q_VALUES) + f" | {change:.4f} |")
-    text = "\n".join(lines) + "\n"
-    out = RESULTS / "topology.md"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    print(text)
+    write_result("topology.md", lines)
 
 
 if __name__ == "__main__":
