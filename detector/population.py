@@ -95,6 +95,12 @@ class PopulationMonitor:
         strength = np.abs(thresholds - self.threshold_mean_).sum() / self.reference_scale_[1]
         return float((betti + strength) / 2.0)
 
+    @property
+    def layers(self) -> list[str]:
+        """The captured tensors the node values are read from."""
+        if not hasattr(self, "selector_"):
+            raise NotReady("PopulationMonitor is not fitted")
+        return list(self.selector_.layers_)
 
     def node_values(self, activations: Mapping[str, np.ndarray]) -> np.ndarray:
         """Node values (n, n_nodes) of captured activations: what the service keeps per request."""

@@ -5,9 +5,11 @@ and flag metrics, the audit log of flagged inputs, and the rolling population wi
 convert protobuf to numpy, call :meth:`DetectionCore.detect`, and convert back (MLServer's DataPlane shape).
 
 Population window: the last ``window_size`` inputs' flags and node values (one value per node of the
-calibrated functional graph) are kept; a background thread recomputes the window's population Betti curves
-(ripser, tens of milliseconds) at most every ``window_interval_s`` seconds, off the request path, and
-publishes ``advdetect_window_flag_ratio`` and ``advdetect_population_anomaly_score``.
+calibrated functional graph) are kept. A request only records its flags and a reference to the activations
+the nodes are read from; a background thread turns those into node values (one batched call instead of
+one per request), recomputes the window's population Betti curves (ripser, tens of milliseconds) at most
+every ``window_interval_s`` seconds, off the request path, and publishes ``advdetect_window_flag_ratio``
+and ``advdetect_population_anomaly_score``.
 """
 
 from __future__ import annotations
@@ -55,9 +57,15 @@ class DetectionCore:
         self.max_batch_size = max_batch_size
         self.flag_names = [rule.name for rule in detector.manifest.flags]
         self._ready = threading.Event()
+        self.window_size = window_size
         self._window_lock = threading.Lock()
+        self._drain_lock = threading.Lock()
         self._window_flags: collections.deque[bool] = collections.deque(maxlen=window_size)
         self._window_nodes: collections.deque[np.ndarray] = collections.deque(maxlen=window_size)
+        # batches whose node values are not computed yet: (number of inputs, activations of the window layers)
+        self._pending: collections.deque[tuple[int, dict[str, np.ndarray]]] = collections.deque()
+        self._pending_inputs = 0
+        self._window_layers = detector.population.layers if detector.population is not None else []
         self._window_dirty = threading.Event()
         self._stop = threading.Event()
         self._window_interval_s = window_interval_s
@@ -79,8 +87,9 @@ class DetectionCore:
         """
         shape = tuple(1 if d is None else d for d in self.detector.model.input_shape)
         batch = self.detector.detect(np.zeros((2, *shape), dtype=self.detector.model.input_dtype))
-        population, nodes = self.detector.population, self.detector.window_node_values(batch.capture)
-        if population is not None and nodes is not None:
+        population = self.detector.population
+        if population is not None:
+            nodes = population.node_values(batch.capture.activations)
             population.score(np.random.default_rng(0).normal(size=(population.window_size, nodes.shape[1])))
         self._window_thread.start()
         self._ready.set()
@@ -122,8 +131,7 @@ class DetectionCore:
         self._check_batch(x)
         request_id = request_id or uuid.uuid4().hex
         batch = self.detector.detect(x, fpr=fpr)
-        for stage, seconds in batch.stage_seconds.items():
-            self.metrics.stage_duration_seconds.labels(stage=stage).observe(seconds)
+        self.metrics.observe_stages(batch.stage_seconds)
         flags = [list(d.flags) for d in batch.detections]
         self.metrics.record_results([d.predicted_class for d in batch.detections], flags)
         if self.audit is not None:
@@ -132,17 +140,20 @@ class DetectionCore:
                     self.audit.log(request_id=request_id, model=self.model_name, predicted_class=d.predicted_class,
                                    flags=d.flags, scores=d.scores, p_values=d.p_values, index=i,
                                    baseline_version=self.detector.version, input_array=x[i])
-        nodes = self.detector.window_node_values(batch.capture)
         with self._window_lock:
             self._window_flags.extend(bool(f) for f in flags)
-            if nodes is not None:
-                self._window_nodes.extend(nodes)
+            if self._window_layers:
+                self._pending.append((len(flags), {name: batch.capture.activations[name] for name in self._window_layers}))
+                self._pending_inputs += len(flags)
+                while self._pending_inputs - self._pending[0][0] >= self.window_size:  # older ones would leave the window
+                    self._pending_inputs -= self._pending.popleft()[0]
         self._window_dirty.set()
         return batch, request_id
 
     # -- population window ----------------------------------------------------------------------
     def window_statistics(self) -> tuple[float, float]:
         """(flag ratio, population anomaly score) of the current window; NaN where not computable yet."""
+        self._add_pending_nodes()
         with self._window_lock:
             flags = list(self._window_flags)
             nodes = np.array(self._window_nodes) if self._window_nodes else None
@@ -152,6 +163,19 @@ class DetectionCore:
         if population is not None and nodes is not None and len(nodes) >= population.window_size:
             score = population.score(nodes[-population.window_size :])
         return ratio, score
+
+    def _add_pending_nodes(self) -> None:
+        """Node values of every batch recorded since the last call, in one call, into the window (in order)."""
+        with self._drain_lock:
+            with self._window_lock:
+                pending = list(self._pending)
+                self._pending.clear()
+                self._pending_inputs = 0
+            if pending:
+                nodes = self.detector.population.node_values(
+                    {name: np.concatenate([a[name] for _, a in pending]) for name in self._window_layers})
+                with self._window_lock:
+                    self._window_nodes.extend(nodes)
 
     def _window_loop(self) -> None:
         while not self._stop.is_set():

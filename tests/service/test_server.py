@@ -224,6 +224,22 @@ def test_population_window_metrics_are_published(server, stub):
     assert np.isfinite(m[("advdetect_population_anomaly_score", ())]) and m[("advdetect_population_anomaly_score", ())] >= 0
 
 
+def test_the_population_window_holds_the_node_values_and_flags_of_the_last_inputs(server, stub):
+    """Requests only record activations; the window's node values are computed later, in one batch, and must
+    be those of the last inputs, in order, however the batches fall (pending batches beyond the window dropped)."""
+    x = load_dataset("digits:test").x
+    batches = [x[0:100], x[100:107], x[107:307], x[307:367]]  # 367 inputs: the first two batches leave the window
+    flagged = []
+    for batch in batches:
+        response = stub.Detect(detector_pb2.DetectRequest(inputs=tensor_to_proto(batch)))
+        flagged += [bool(r.flags) for r in response.results]
+    core = server.core
+    ratio, score = core.window_statistics()
+    population = core.detector.population
+    nodes = np.concatenate([population.node_values(core.detector.classify(b).activations) for b in batches])
+    assert ratio == np.mean(flagged[-core.window_size:])
+    assert score == population.score(nodes[-core.window_size:][-population.window_size:])
+
 def test_tls_with_a_ca_made_in_the_test(demo_models, cnn_baseline, tls_files):
     settings = _settings(demo_models, cnn_baseline[0], tls_cert_path=tls_files.server_cert,
                          tls_key_path=tls_files.server_key)
