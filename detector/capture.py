@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Mapping
 
 import numpy as np
@@ -16,6 +17,11 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def _read_only(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
 
 
 @dataclass(frozen=True)
@@ -39,15 +45,15 @@ class Capture:
     def __len__(self) -> int:
         return int(self.logits.shape[0])
 
-    @property
+    @cached_property
     def predicted(self) -> np.ndarray:
-        """Predicted class per input, ndarray of shape (n_samples,), int64."""
-        return np.argmax(self.logits, axis=1).astype(np.int64)
+        """Predicted class per input, ndarray of shape (n_samples,), int64 (computed once, read-only)."""
+        return _read_only(np.argmax(self.logits, axis=1).astype(np.int64))
 
-    @property
+    @cached_property
     def probabilities(self) -> np.ndarray:
-        """Softmax of the logits, ndarray of shape (n_samples, n_classes), float64."""
-        return softmax(self.logits)
+        """Softmax of the logits, ndarray of shape (n_samples, n_classes), float64 (computed once, read-only)."""
+        return _read_only(softmax(self.logits))
 
     def subset(self, index: np.ndarray | slice) -> "Capture":
         """The same capture restricted to the rows selected by ``index``."""

@@ -178,7 +178,10 @@ class ConformalCalibrator:
         """Conformal p-value of each score given each input's class, ndarray (n,) in (0, 1]; small = suspicious."""
         self._check_fitted()
         s = _as_scores(scores, allow_inf=True)
-        c = _as_classes(classes, len(s), self.n_classes_)
+        return self._p_values_of(s, _as_classes(classes, len(s), self.n_classes_))
+
+    def _p_values_of(self, s: np.ndarray, c: np.ndarray) -> np.ndarray:
+        """:meth:`p_values` of float64 scores ``s`` without NaN and int64 classes ``c`` in range, unchecked."""
         return _p_values(s, c, self.global_, self.class_values_, self.class_offsets_, self.conditional_,
                          self.tail_max_, self.tail_beta_, bool(self.tail))
 
@@ -268,6 +271,10 @@ class Fusion:
             raise InvalidInput(f"expected p-values of shape (n_samples, n_scorers) with n_scorers >= 1, got {p.shape}")
         if not ((p > 0) & (p <= 1)).all():
             raise InvalidInput("p-values must lie in (0, 1] (conformal p-values never reach 0)")
+        return self._combine(p)
+
+    def _combine(self, p: np.ndarray) -> np.ndarray:
+        """:meth:`combine` of a float64 array (n_samples, n_scorers) of valid p-values, unchecked."""
         if self.method == "fisher":
             return -2.0 * np.log(p).sum(axis=1)
         if self.method == "min":

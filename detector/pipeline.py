@@ -20,7 +20,7 @@ import numpy as np
 
 from detector.baseline import check_model_matches, read_baseline
 from detector.capture import Capture
-from detector.conformal import ConformalCalibrator, Fusion
+from detector.conformal import FUSION_METHODS, ConformalCalibrator, Fusion
 from detector.errors import BaselineError, InvalidInput
 from detector.manifest import FlagRule, Manifest
 from detector.model import OnnxClassifier
@@ -84,11 +84,21 @@ class Detector:
         self.calibrators = calibrators
         self.population = population
         names = [n for s in scorers for n in s.score_names]
+        uncalibrated = [n for n in names if n not in calibrators]
+        if uncalibrated:
+            raise BaselineError(f"the baseline calibrates no conformal p-values for the scores {uncalibrated}")
+        other = {n: calibrators[n].n_classes_ for n in names if calibrators[n].n_classes_ != model.n_classes}
+        if other:
+            raise BaselineError(f"conformal references of {other} classes (by score) for a {model.n_classes}-class model")
         for rule in manifest.flags:
-            missing = [n for n in rule.scores if n not in calibrators]
-            if missing:
-                raise BaselineError(f"flag {rule.name!r} fuses scores {missing} that the baseline does not calibrate")
+            missing = [n for n in rule.scores if n not in names]
+            if missing or not rule.scores:
+                raise BaselineError(f"flag {rule.name!r} fuses scores {missing or '[]'}; the scorers give {names}")
+            if rule.fusion not in FUSION_METHODS:
+                raise BaselineError(f"flag {rule.name!r}: unknown fusion {rule.fusion!r}, expected one of {FUSION_METHODS}")
         self.score_names = names
+        # each rule's fusion and the rows of its scores in the (n_scores, n_samples) tables of detect()
+        self._rules = [(rule, Fusion(rule.fusion), [names.index(n) for n in rule.scores]) for rule in manifest.flags]
 
     @classmethod
     def load(cls, model_path: str | os.PathLike[str], baseline_dir: str | os.PathLike[str],
@@ -197,28 +207,26 @@ class Detector:
         seconds["inference"] = time.perf_counter() - t0
         scores = self.raw_scores(capture, seconds)
         t0 = time.perf_counter()
-        classes = capture.predicted
-        p_values = self.p_values(scores, classes)
-        stats = self.statistics(p_values)
+        # the scorers' own outputs and the capture's classes need no per-call checks beyond NaN (checked
+        # once here): p-values and statistics come from the unchecked kernels, ~0.1 ms less per request
+        names, classes = self.score_names, capture.predicted
+        table = np.array([scores[n] for n in names], dtype=np.float64).reshape(len(names), len(capture))
+        if np.isnan(table).any():
+            raise InvalidInput(f"the scores {[n for n, row in zip(names, table) if np.isnan(row).any()]} are NaN")
+        p_table = np.array([self.calibrators[n]._p_values_of(row, classes) for n, row in zip(names, table)])
+        stats = {rule.name: fusion._combine(p_table[rows].T).tolist() for rule, fusion, rows in self._rules}
         probabilities = capture.probabilities
         detections = []
-        for i in range(len(capture)):
-            p_i = {n: float(p[i]) for n, p in p_values.items()}
+        for i, (score_row, p_row) in enumerate(zip(table.T.tolist(), p_table.T.tolist())):
+            p_i = dict(zip(names, p_row))
             flags = {}
-            for rule in self.manifest.flags:
+            for rule, _, _ in self._rules:
                 if stats[rule.name][i] > thresholds[rule.name]:
                     reasons = [n for n in rule.scores if p_i[n] < rule.reason_alpha]
                     flags[rule.name] = tuple(reasons or [min(rule.scores, key=p_i.__getitem__)])
             detections.append(Detection(
-                predicted_class=int(classes[i]), probabilities=probabilities[i],
-                scores={n: float(s[i]) for n, s in scores.items()}, p_values=p_i,
-                statistics={n: float(s[i]) for n, s in stats.items()}, flags=flags,
+                predicted_class=int(classes[i]), probabilities=probabilities[i], scores=dict(zip(names, score_row)),
+                p_values=p_i, statistics={n: s[i] for n, s in stats.items()}, flags=flags,
             ))
         seconds["fusion"] = time.perf_counter() - t0
         return DetectionBatch(detections, capture, seconds)
-
-    def window_node_values(self, capture: Capture) -> np.ndarray | None:
-        """Per-input node values for the population window (None without a population monitor)."""
-        if self.population is None:
-            return None
-        return self.population.node_values(capture.activations)

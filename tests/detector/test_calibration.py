@@ -75,6 +75,28 @@ def test_likely_misclassified_flag_prefers_the_models_errors(detector):
     assert stat[wrong].mean() > stat[~wrong].mean()
 
 
+def test_detect_gives_the_p_values_and_statistics_of_the_checked_calls(detector):
+    """detect() fuses with the unchecked kernels; they must agree with the public, validating methods."""
+    x = load_dataset("digits:test").x[:64]
+    batch = detector.detect(x)
+    capture = detector.classify(x)
+    p_values = detector.p_values(detector.raw_scores(capture), capture.predicted)
+    statistics = detector.statistics(p_values)
+    for i, d in enumerate(batch.detections):
+        assert d.p_values == {n: p[i] for n, p in p_values.items()}
+        assert d.statistics == pytest.approx({n: s[i] for n, s in statistics.items()}, rel=1e-12)
+    assert any(d.flags for d in detector.detect(np.ones_like(x[:8])).detections)  # blank-white frames do flag
+
+
+def test_a_nan_score_is_refused_with_its_name(detector, monkeypatch):
+    from detector import InvalidInput
+
+    knn = next(s for s in detector.scorers if s.kind == "knn")
+    monkeypatch.setattr(knn, "scores", lambda capture: {"knn": np.full(len(capture), np.nan)})
+    with pytest.raises(InvalidInput, match=r"the scores \['knn'\] are NaN"):
+        detector.detect(load_dataset("digits:test").x[:2])
+
+
 def test_uncalibrated_fpr_is_refused(detector):
     from detector import InvalidInput
 
@@ -116,6 +138,23 @@ def test_newer_schema_missing_and_corrupt_files_are_refused(demo_models, cnn_bas
     np.savez(broken / "arrays.npz", **{k: v for k, v in arrays.items() if k != "population/threshold_mean"})
     shutil.copy(cnn_baseline[0] / "introspection.onnx", broken / "introspection.onnx")
     with pytest.raises(BaselineError, match="population monitor's state is missing or corrupt"):
+        Detector.load(model, broken)
+    rules = [{**raw["flags"][0], "fusion": "median"}, *raw["flags"][1:]]
+    (broken / "manifest.json").write_text(json.dumps({**raw, "flags": rules}))
+    shutil.copy(cnn_baseline[0] / "arrays.npz", broken / "arrays.npz")
+    with pytest.raises(BaselineError, match="unknown fusion 'median'"):
+        Detector.load(model, broken)
+    (broken / "manifest.json").write_text(json.dumps({**raw, "flags": [{**raw["flags"][0], "scores": ["psychic"]}]}))
+    with pytest.raises(BaselineError, match=r"fuses scores \['psychic'\]"):
+        Detector.load(model, broken)
+    name = raw["scorers"][0]["score_names"][0]
+    prefix = f"conformal/{name}/"
+    offsets = arrays[prefix + "class_offsets"][:6]  # references of classes 0-4 only
+    np.savez(broken / "arrays.npz", **{**arrays, prefix + "conditional": arrays[prefix + "conditional"][:5],
+                                       prefix + "class_offsets": offsets,
+                                       prefix + "class_values": arrays[prefix + "class_values"][:offsets[-1]]})
+    (broken / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(BaselineError, match=f"conformal references of {{'{name}': 5}} classes .* for a 10-class model"):
         Detector.load(model, broken)
     with pytest.raises(BaselineError, match="baseline directory not found"):
         Detector.load(model, tmp_path / "nowhere")
