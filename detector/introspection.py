@@ -382,13 +382,11 @@ class IntrospectionScorer(Scorer):
     # ------------------------------------------------------------------ fit and score
 
     def _features(self, capture: Capture, layers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        raw = []
-        sizes = []
-        for name in layers:
-            block = activation_vectors(capture.activations, [name], self.reduction)
-            raw.append(block)
-            sizes.append(block.shape[1])
-        return np.concatenate(raw, axis=1), np.asarray(sizes, dtype=np.int64)
+        """The activation vectors of ``layers`` side by side (one :func:`activation_vectors` call), and each one's width."""
+        raw = activation_vectors(capture.activations, layers, self.reduction)
+        shapes = [np.shape(capture.activations[name]) for name in layers]
+        sizes = [shape[1] if len(shape) > 2 and self.reduction == "mean" else int(np.prod(shape[1:])) for shape in shapes]
+        return raw, np.asarray(sizes, dtype=np.int64)
 
     def fit(self, capture: Capture, labels: np.ndarray) -> "IntrospectionScorer":
         """Train the autoencoder and the estimator on ``capture`` with true ``labels`` (n_samples,); return self.
