@@ -34,7 +34,7 @@ The baseline's info is therefore a gauge set to 1 (the ``*_info`` convention), s
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ContextManager
 
@@ -127,8 +127,7 @@ class ServiceMetrics:
             "advdetect_baseline_info", "The baseline being served (value 1): its version and the sha256 of its model.",
             ["version", "model_sha256"], registry=registry, multiprocess_mode="livemax",
         )
-        for stage in STAGES:
-            self.stage_duration_seconds.labels(stage=stage)
+        self._stage_series = {stage: self.stage_duration_seconds.labels(stage=stage) for stage in STAGES}
         self.window_flag_ratio.set(float("nan"))
         self.population_anomaly_score.set(float("nan"))
         self._lock = threading.Lock()
@@ -183,7 +182,12 @@ class ServiceMetrics:
         """
         if stage not in STAGES:
             raise ValueError(f"unknown stage {stage!r}; expected one of {', '.join(STAGES)}")
-        return self.stage_duration_seconds.labels(stage=stage).time()
+        return self._stage_series[stage].time()
+
+    def observe_stages(self, seconds: Mapping[str, float]) -> None:
+        """Observe each stage's duration in seconds (keys from :data:`STAGES`), with the series looked up once."""
+        for stage, value in seconds.items():
+            self._stage_series[stage].observe(value)
 
     def record_results(self, predicted_classes: Sequence[int], flags: Sequence[Iterable[str]]) -> None:
         """Count a scored batch: N inputs, and each raised flag with its input's predicted class.

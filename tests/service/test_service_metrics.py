@@ -80,6 +80,7 @@ def test_values_move_as_recorded(exported) -> None:
     metrics.record_results([3], [["adversarial"]])
     with metrics.stage_timer("topology"):
         time.sleep(0.002)
+    metrics.observe_stages({"fusion": 0.0004, "peers": 0.0002})
     metrics.request_duration_seconds.labels(method="Detect").observe(0.004)
     metrics.set_window(flag_ratio=0.25, population_anomaly_score=3.5)
     metrics.set_baseline("v2", "a" * 64)  # replaces, not adds
@@ -92,6 +93,9 @@ def test_values_move_as_recorded(exported) -> None:
                 if s.labels.get("stage") == "topology"}
     assert topology["advdetect_stage_duration_seconds_count"] == 1
     assert 0.002 <= topology["advdetect_stage_duration_seconds_sum"] < 1.0
+    sums = {s.labels["stage"]: s.value for s in _samples(families["advdetect_stage_duration_seconds"],
+                                                         "advdetect_stage_duration_seconds_sum")}
+    assert (sums["fusion"], sums["peers"], sums["inference"]) == (0.0004, 0.0002, 0.0)
     detect = {(s.name, s.labels.get("le")): s.value for s in _samples(families["advdetect_request_duration_seconds"])}
     assert detect[("advdetect_request_duration_seconds_bucket", "0.003")] == 0
     assert detect[("advdetect_request_duration_seconds_bucket", "0.005")] == 1
