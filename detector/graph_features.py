@@ -23,7 +23,13 @@ from detector.betti import DEFAULT_DENSITIES, betti_signature_from_weights, chec
 from detector.capture import Capture
 from detector.induced_forest import InducedForest
 from detector.induced_graph import InducedGraph
-from detector.persistence import DEFAULT_QUANTILES, h0_feature_names, h0_features_by_group, h0_persistence
+from detector.persistence import (
+    DEFAULT_QUANTILES,
+    h0_feature_names,
+    h0_features_by_group,
+    h0_features_of_descending,
+    h0_persistence,
+)
 
 __all__ = ["InducedGraphFeatures"]
 
@@ -59,6 +65,10 @@ class InducedGraphFeatures:
         self.p = float(p)
         self.forest = InducedForest(graph) if self.top_q == 1.0 else None
         self._pair_sizes = np.array([graph.layer_sizes[pr.src_layer] + graph.layer_sizes[pr.dst_layer] for pr in graph.pairs])
+        # what the forest path hands h0_features_of_descending, checked once here
+        self._vertex_counts = np.r_[graph.n_vertices, self._pair_sizes].astype(np.float64)
+        self._quantile_array = np.asarray(self.quantiles, dtype=np.float64)
+        h0_feature_names(self.quantiles, self.p)  # raises InvalidInput on bad quantiles or p
         self._memo = threading.local()  # per thread: the server scores requests in parallel
 
     def params(self) -> dict[str, object]:
@@ -83,15 +93,17 @@ class InducedGraphFeatures:
         """Persistence features (n_persistence,) and Betti signature (2 * n_densities,) of input ``i``."""
         if self.forest is not None:
             forest = self.forest.compute(capture, i)
-            diagram, merge_pair, weights = forest.diagram, forest.merge_pair, forest.weights
+            diagram, weights = forest.diagram, forest.weights
+            persistence = h0_features_of_descending(diagram.deaths, forest.merge_pair, self._vertex_counts,
+                                                    self._quantile_array, self.p)
         else:
             g = self.graph.edges(capture, i, top_q=self.top_q)
             diagram = h0_persistence(g.n_vertices, g.edges, g.weights)
             merge_pair = np.searchsorted(g.pair_ptr, diagram.merge_index, side="right") - 1
             weights = g.weights
-        persistence = h0_features_by_group(diagram, merge_pair, self._pair_sizes, self.quantiles, self.p).reshape(-1)
+            persistence = h0_features_by_group(diagram, merge_pair, self._pair_sizes, self.quantiles, self.p)
         betti = betti_signature_from_weights(self.graph.n_vertices, weights, diagram.deaths, self.densities)
-        return persistence, betti.reshape(-1)
+        return persistence.reshape(-1), betti.reshape(-1)
 
     def transform(self, capture: Capture) -> dict[str, np.ndarray]:
         """Features of every input: ``{"persistence": (n, n_persistence), "betti": (n, 2 * n_densities)}``."""

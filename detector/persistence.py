@@ -44,6 +44,7 @@ __all__ = [
     "h0_feature_names",
     "h0_features",
     "h0_features_by_group",
+    "h0_features_of_descending",
     "h0_persistence",
     "h0_persistence_ripser",
     "maximum_spanning_forest",
@@ -483,6 +484,18 @@ def h0_features_by_group(
         order = np.argsort(-deaths, kind="stable")
         deaths, group = deaths[order], group[order] if sizes.size else group
     return _summaries(deaths, group, np.r_[float(diagram.n_vertices), sizes], q, p)
+
+
+def h0_features_of_descending(
+    deaths: np.ndarray, group: np.ndarray, vertex_counts: np.ndarray, quantiles: np.ndarray, p: float
+) -> np.ndarray:
+    """:func:`h0_features_by_group` without validation, for the per-request path (~0.04 ms less).
+
+    ``deaths`` float64 in descending order (a Kruskal scan's), ``group`` int64 in [0, n_groups),
+    ``vertex_counts`` float64 (1 + n_groups,): the diagram's vertex count, then each group's;
+    ``quantiles`` a checked float64 array, ``p`` >= 1.
+    """
+    return _summaries(deaths, group, vertex_counts, quantiles, p)
 
 
 @numba.njit(cache=True, nogil=True)
