@@ -17,6 +17,7 @@ from detector.persistence import (
     h0_feature_names,
     h0_features,
     h0_features_by_group,
+    h0_features_of_descending,
     h0_persistence,
     h0_persistence_ripser,
 )
@@ -282,6 +283,10 @@ def test_features_by_group_equal_the_features_of_each_sub_diagram() -> None:
                                rows, rtol=1e-12)
     with pytest.raises(InvalidInput, match="group"):
         h0_features_by_group(diagram, group + 3, sizes)
+    # the unchecked entry of the per-request path gives the same rows for a Kruskal (descending) diagram
+    fast = h0_features_of_descending(np.asarray(diagram.deaths), group, np.r_[n, sizes].astype(np.float64),
+                                     np.array([0.0, 0.3, 0.5, 1.0]), 3.0)
+    np.testing.assert_array_equal(fast, rows)
 
 
 def test_features_scale_with_weights_except_entropy() -> None:
