@@ -28,6 +28,7 @@ __all__ = [
     "REDUCTIONS",
     "activation_vectors",
     "classifier_error",
+    "feature_map_graph",
     "IntrospectionRunner",
     "IntrospectionScorer",
 ]
@@ -164,6 +165,49 @@ class IntrospectionRunner:
                                                    providers=["CPUExecutionProvider"])
         (out,) = self._estimator.run(["log10_error"], {"z": codes})
         return out.astype(np.float64)
+
+
+def feature_map_graph(
+    model: bytes, shapes: Sequence[tuple[int, ...]], reduction: str, mean: np.ndarray, scale: np.ndarray
+) -> bytes:
+    """The introspection graph ``model`` preceded by the feature map, so that one run goes from activations to scores.
+
+    Inputs ``layer0``, ``layer1``, ... (float32, (N, *shapes[i])) are what :func:`activation_vectors` reads:
+    each one averaged over its trailing (spatial) axes (``reduction="mean"``, rank >= 3) or flattened,
+    then concatenated and standardised, h = (raw - mean) * (1 / scale), and fed to the graph's
+    ``features``; the outputs are the graph's. The feature map runs in float32 (activation_vectors uses
+    float64): scores agree with standardising in numpy to about 1e-6, relative. Doing it in the graph
+    saves about 30 numpy calls per request (measured: ~0.1 ms per LeNet-5 input after the topology stage).
+    """
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph_model = onnx.load_from_string(model)
+    opset = next(o.version for o in graph_model.opset_import if o.domain in ("", "ai.onnx"))
+    inputs, nodes, constants, parts = [], [], [], []
+    for i, shape in enumerate(shapes):
+        name = f"layer{i}"
+        inputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape]))
+        if len(shape) >= 2 and reduction == "mean":
+            axes = list(range(2, len(shape) + 1))
+            if opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
+                constants.append(numpy_helper.from_array(np.asarray(axes, np.int64), f"{name}/axes"))
+                nodes.append(helper.make_node("ReduceMean", [name, f"{name}/axes"], [f"{name}/vector"], keepdims=0))
+            else:
+                nodes.append(helper.make_node("ReduceMean", [name], [f"{name}/vector"], axes=axes, keepdims=0))
+        else:
+            nodes.append(helper.make_node("Flatten", [name], [f"{name}/vector"], axis=1))
+        parts.append(f"{name}/vector")
+    constants += [numpy_helper.from_array(np.asarray(mean, np.float32), "feature_map/mean"),
+                  numpy_helper.from_array(np.asarray(1.0 / np.asarray(scale), np.float32), "feature_map/inverse_scale")]
+    nodes += [helper.make_node("Concat", parts, ["feature_map/raw"], axis=1),
+              helper.make_node("Sub", ["feature_map/raw", "feature_map/mean"], ["feature_map/centred"]),
+              helper.make_node("Mul", ["feature_map/centred", "feature_map/inverse_scale"], [IntrospectionRunner.input_name])]
+    g = graph_model.graph
+    combined = helper.make_graph(nodes + list(g.node), "introspection_from_activations", inputs, list(g.output),
+                                 constants + list(g.initializer))
+    return helper.make_model(combined, opset_imports=graph_model.opset_import,
+                             ir_version=graph_model.ir_version).SerializeToString()
 
 
 class IntrospectionScorer(Scorer):
@@ -378,6 +422,7 @@ class IntrospectionScorer(Scorer):
         self.scale_ = scale
         self.runner_ = runner
         self.onnx_model_ = onnx_model
+        self._from_activations: tuple[tuple[tuple[int, ...], ...], Any] | None = None  # (layer shapes, session)
 
     # ------------------------------------------------------------------ fit and score
 
@@ -450,9 +495,39 @@ class IntrospectionScorer(Scorer):
         return ((raw - self.mean_) / self.scale_).astype(np.float32)
 
     def run(self, capture: Capture) -> dict[str, np.ndarray]:
-        """All graph outputs for ``capture``: ``z`` (n, latent_dim), ``reconstruction_error`` and ``log10_error`` (n,)."""
-        features = self.standardise(capture)
-        return {k: v.astype(np.float64) for k, v in self.runner_.run(features).items()}
+        """All graph outputs for ``capture``: ``z`` (n, latent_dim), ``reconstruction_error`` and ``log10_error`` (n,).
+
+        One ONNX Runtime run from the activations (:func:`feature_map_graph`; its session is built for the
+        capture's layer shapes on first use).
+        """
+        self._check_fitted("runner_")
+        missing = [name for name in self.layers_ if name not in capture.activations]
+        if missing:
+            raise InvalidInput(f"capture lacks the activations {missing}; it has {list(capture.activations)}")
+        shapes = tuple(tuple(np.shape(capture.activations[name])[1:]) for name in self.layers_)
+        cached = self._from_activations
+        if cached is None or cached[0] != shapes:
+            cached = self._from_activations = (shapes, self._session_from_activations(shapes))
+        feed = {f"layer{i}": np.asarray(capture.activations[name], dtype=np.float32) for i, name in enumerate(self.layers_)}
+        out = {k: v.astype(np.float64) for k, v in zip(IntrospectionRunner.output_names,
+                                                       cached[1].run(list(IntrospectionRunner.output_names), feed))}
+        if not np.all(np.isfinite(out["reconstruction_error"])):  # a NaN or Inf feature reaches the error
+            raise InvalidInput("activations contain NaN or Inf")
+        return out
+
+    def _session_from_activations(self, shapes: tuple[tuple[int, ...], ...]) -> Any:
+        """An ONNX Runtime session of :func:`feature_map_graph` for these per-sample layer shapes (checked)."""
+        import onnxruntime as ort
+
+        if any(len(shape) == 0 for shape in shapes):
+            raise InvalidInput(f"activations must have shape (n_samples, ...), got per-sample shapes {list(shapes)}")
+        sizes = [shape[0] if len(shape) >= 2 and self.reduction == "mean" else int(np.prod(shape)) for shape in shapes]
+        if sizes != self.layer_sizes_.tolist():
+            raise InvalidInput(
+                f"activation sizes {sizes} of layers {list(self.layers_)} differ from the fitted {self.layer_sizes_.tolist()}"
+            )
+        graph = feature_map_graph(self.onnx_model_, shapes, self.reduction, self.mean_, self.scale_)
+        return ort.InferenceSession(graph, session_options(1), providers=["CPUExecutionProvider"])
 
     def scores(self, capture: Capture) -> dict[str, np.ndarray]:
         """Both scores, ndarray (n_samples,) float64 each; higher = more suspicious.

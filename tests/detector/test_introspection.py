@@ -121,6 +121,28 @@ def test_scores_and_codes_have_documented_shapes(scorer2, captures):
     )
 
 
+def test_the_graph_from_activations_agrees_with_the_numpy_feature_map(scorer2, captures, fit_labels):
+    """run() standardises inside the ONNX graph (float32); standardise() is the float64 numpy reference."""
+    for capture in (captures["test"], captures["noise"].subset(slice(0, 1))):
+        reference = scorer2.runner_.run(scorer2.standardise(capture))
+        served = scorer2.run(capture)
+        for name in IntrospectionRunner.output_names:
+            np.testing.assert_allclose(served[name], reference[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    flat = IntrospectionScorer(reduction="flatten", **TINY).fit(captures["fit"], fit_labels)
+    reference = flat.runner_.run(flat.standardise(captures["test"]))
+    np.testing.assert_allclose(flat.run(captures["test"])["reconstruction_error"], reference["reconstruction_error"],
+                               rtol=1e-5, atol=1e-6)
+    test = captures["test"]
+    first, last = scorer2.layers_[0], scorer2.layers_[-1]
+    nan = Capture(test.inputs, test.logits, {**test.activations, last: np.where(
+        np.arange(len(test))[:, None] == 3, np.nan, test.activations[last])})
+    with pytest.raises(InvalidInput, match="NaN or Inf"):
+        scorer2.scores(nan)
+    narrow = Capture(test.inputs, test.logits, {**test.activations, first: test.activations[first][:, :-1]})
+    with pytest.raises(InvalidInput, match="activation sizes .* differ from the fitted"):
+        scorer2.scores(narrow)
+
+
 def test_training_stops_early_on_the_validation_split(scorer2):
     h = scorer2.history_
     assert 0 <= h.vae_best_epoch < len(h.vae_validation) <= FAST["max_epochs"]
