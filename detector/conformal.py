@@ -36,7 +36,7 @@ import numpy as np
 
 from detector.errors import InvalidInput, NotReady
 
-__all__ = ["ConformalCalibrator", "Fusion", "split_held_out", "FUSION_METHODS"]
+__all__ = ["CalibratorStack", "ConformalCalibrator", "Fusion", "split_held_out", "FUSION_METHODS"]
 
 #: Fusion rules understood by :class:`Fusion`.
 FUSION_METHODS = ("fisher", "min", "harmonic")
@@ -178,10 +178,7 @@ class ConformalCalibrator:
         """Conformal p-value of each score given each input's class, ndarray (n,) in (0, 1]; small = suspicious."""
         self._check_fitted()
         s = _as_scores(scores, allow_inf=True)
-        return self._p_values_of(s, _as_classes(classes, len(s), self.n_classes_))
-
-    def _p_values_of(self, s: np.ndarray, c: np.ndarray) -> np.ndarray:
-        """:meth:`p_values` of float64 scores ``s`` without NaN and int64 classes ``c`` in range, unchecked."""
+        c = _as_classes(classes, len(s), self.n_classes_)
         return _p_values(s, c, self.global_, self.class_values_, self.class_offsets_, self.conditional_,
                          self.tail_max_, self.tail_beta_, bool(self.tail))
 
@@ -217,6 +214,56 @@ class ConformalCalibrator:
             raise InvalidInput(f"inconsistent conformal calibrator arrays under {prefix!r}")
         cal._fit_tails()
         return cal
+
+
+class CalibratorStack:
+    """Fitted calibrators of several scores side by side: the p-values of all of them in one compiled call.
+
+    For the serving path, which would otherwise make one call per score (a numba dispatch and a
+    validation each). The calibrators must share their number of classes.
+
+    Parameters
+    ----------
+    calibrators : sequence of ConformalCalibrator
+        Fitted; row j of :meth:`p_values` uses ``calibrators[j]``.
+    """
+
+    def __init__(self, calibrators: "list[ConformalCalibrator]"):
+        if not calibrators:
+            raise InvalidInput("a calibrator stack needs at least one calibrator")
+        for cal in calibrators:
+            cal._check_fitted()
+        n_classes = sorted({cal.n_classes_ for cal in calibrators})
+        if len(n_classes) > 1:
+            raise InvalidInput(f"calibrators of {n_classes} classes cannot be stacked")
+        self.n_classes = n_classes[0]
+
+        def ptr(parts: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate([[0], np.cumsum([len(a) for a in parts])]).astype(np.int64)
+
+        globals_, values = [cal.global_ for cal in calibrators], [cal.class_values_ for cal in calibrators]
+        self._arrays = (
+            np.concatenate(globals_), ptr(globals_), np.concatenate(values), ptr(values),
+            np.stack([cal.class_offsets_ for cal in calibrators]), np.stack([cal.conditional_ for cal in calibrators]),
+            np.stack([cal.tail_max_ for cal in calibrators]), np.stack([cal.tail_beta_ for cal in calibrators]),
+            np.array([bool(cal.tail) for cal in calibrators], dtype=np.bool_),
+        )
+
+    def p_values(self, scores: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        """p-values (n_calibrators, n) of float64 ``scores`` (n_calibrators, n) without NaN, for int64 ``classes``
+        (n,) in [0, n_classes): unchecked (the caller checks), each row as its calibrator's :meth:`~ConformalCalibrator.p_values`."""
+        return _stacked_p_values(scores, classes, *self._arrays)
+
+
+@numba.njit(cache=True, nogil=True)
+def _stacked_p_values(scores, c, globals_, global_ptr, values, value_ptr, offsets, conditional, tail_max, tail_beta,
+                      tail):  # pragma: no cover (compiled)
+    out = np.empty_like(scores)
+    for j in range(scores.shape[0]):
+        out[j] = _p_values(scores[j], c, globals_[global_ptr[j]:global_ptr[j + 1]],
+                           values[value_ptr[j]:value_ptr[j + 1]], offsets[j], conditional[j], tail_max[j],
+                           tail_beta[j], tail[j])
+    return out
 
 
 class Fusion:

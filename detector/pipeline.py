@@ -20,7 +20,7 @@ import numpy as np
 
 from detector.baseline import check_model_matches, read_baseline
 from detector.capture import Capture
-from detector.conformal import FUSION_METHODS, ConformalCalibrator, Fusion
+from detector.conformal import FUSION_METHODS, CalibratorStack, ConformalCalibrator, Fusion
 from detector.errors import BaselineError, InvalidInput
 from detector.manifest import FlagRule, Manifest
 from detector.model import OnnxClassifier
@@ -84,6 +84,8 @@ class Detector:
         self.calibrators = calibrators
         self.population = population
         names = [n for s in scorers for n in s.score_names]
+        if not names:
+            raise BaselineError("the baseline has no scorers")
         uncalibrated = [n for n in names if n not in calibrators]
         if uncalibrated:
             raise BaselineError(f"the baseline calibrates no conformal p-values for the scores {uncalibrated}")
@@ -97,6 +99,7 @@ class Detector:
             if rule.fusion not in FUSION_METHODS:
                 raise BaselineError(f"flag {rule.name!r}: unknown fusion {rule.fusion!r}, expected one of {FUSION_METHODS}")
         self.score_names = names
+        self._calibrator_stack = CalibratorStack([calibrators[n] for n in names])
         # each rule's fusion and the rows of its scores in the (n_scores, n_samples) tables of detect()
         self._rules = [(rule, Fusion(rule.fusion), [names.index(n) for n in rule.scores]) for rule in manifest.flags]
 
@@ -213,7 +216,7 @@ class Detector:
         table = np.array([scores[n] for n in names], dtype=np.float64).reshape(len(names), len(capture))
         if np.isnan(table).any():
             raise InvalidInput(f"the scores {[n for n, row in zip(names, table) if np.isnan(row).any()]} are NaN")
-        p_table = np.array([self.calibrators[n]._p_values_of(row, classes) for n, row in zip(names, table)])
+        p_table = self._calibrator_stack.p_values(table, classes)
         stats = {rule.name: fusion._combine(p_table[rows].T).tolist() for rule, fusion, rows in self._rules}
         probabilities = capture.probabilities
         detections = []

@@ -21,7 +21,7 @@ import pytest
 from scipy.stats import chi2
 
 from detector import InvalidInput, NotReady, OnnxClassifier
-from detector.conformal import FUSION_METHODS, ConformalCalibrator, Fusion, split_held_out
+from detector.conformal import FUSION_METHODS, CalibratorStack, ConformalCalibrator, Fusion, split_held_out
 from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScorer
 
 N_CLASSES = 10
@@ -282,3 +282,18 @@ def test_exponential_tail_extends_p_values_beyond_the_references(scored):
         assert np.mean(fresh <= a) <= a + 3 * np.sqrt(a * (1 - a) / len(fresh)) + 1.0 / len(fresh)
     state = tailed.get_state("c/")
     np.testing.assert_array_equal(ConformalCalibrator.from_state(state, "c/").p_values(beyond, c0), p)
+
+
+def test_a_stack_of_calibrators_gives_each_ones_p_values(scored):
+    """The serving path's one compiled call equals each calibrator's own p_values, tails and classes included."""
+    cals = [ConformalCalibrator(min_class_count=m, tail=t).fit(scored["calib"][:, j], scored["calib_class"], N_CLASSES)
+            for j, (m, t) in enumerate([(54, True), (10_000, True), (54, False)])]  # class-wise, global only, no tail
+    s = scored["test"][:, :3].T.copy()
+    s[0, :5] = s[0].max() * 3  # beyond every reference: the tail
+    c = scored["test_class"].astype(np.int64)
+    stacked = CalibratorStack(cals).p_values(s, c)
+    for j, cal in enumerate(cals):
+        np.testing.assert_array_equal(stacked[j], cal.p_values(s[j], c))
+    assert np.all(stacked[0, :5] < 1 / (cals[0].reference_size(c[:5]) + 1))  # extrapolated below the plain minimum
+    with pytest.raises(InvalidInput, match="cannot be stacked"):
+        CalibratorStack([cals[0], ConformalCalibrator().fit(scored["calib"][:, 0], scored["calib_class"] % 3, 3)])
