@@ -438,7 +438,8 @@ class InducedForest:
             mp = self._maxpool
             m, nc = _maxpool_edges(h, mp.windows, mp.value_vertex, mp.dst_vertex, mp.window_pair, products, m,
                                    cand_u, cand_v, cand_w, cand_pair, nc)
-        deaths, edges, merge_pair = forest_edges(graph.n_vertices, cand_u[:nc], cand_v[:nc], cand_w[:nc], cand_pair[:nc])
+        deaths, edges, merge_pair = forest_edges(graph.n_vertices, cand_u[:nc], cand_v[:nc], cand_w[:nc], cand_pair[:nc],
+                                                  len(graph.pairs))
         diagram = H0Diagram(deaths=deaths, merge_edges=edges, n_vertices=graph.n_vertices,
                             n_components=graph.n_vertices - int(deaths.shape[0]))
         return ForestOfInput(diagram=diagram, merge_pair=merge_pair, weights=products[:m])

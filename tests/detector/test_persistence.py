@@ -106,13 +106,33 @@ def test_hand_made_graph_gives_maximum_spanning_forest_weights() -> None:
     fast = h0_persistence(6, edges, weights)
     np.testing.assert_array_equal(fast.merge_index, [3, 0, 2])
     np.testing.assert_array_equal(fast.merge_edges, [[3, 4], [0, 1], [0, 2]])
-    # the forest itself, with a label carried along, from float32 weights (what induced graphs carry)
-    deaths, forest, labels = persistence.forest_edges(6, edges[:, 0], edges[:, 1], weights.astype(np.float32),
-                                                      np.arange(10, 15))
-    np.testing.assert_array_equal(deaths, [5.0, 3.0, 2.0])
-    np.testing.assert_array_equal(forest, [[3, 4], [0, 1], [0, 2]])
-    np.testing.assert_array_equal(labels, [13, 10, 12])
-    assert deaths.dtype == np.float64 and forest.dtype == labels.dtype == np.int64
+    # the forest itself, with a label carried along, from float32 weights (what induced graphs carry): with
+    # the edge packed in the sort key (15 labels) and, when it does not fit in 32 bits, looked up by position
+    for n_labels in (15, 2**30):
+        deaths, forest, labels = persistence.forest_edges(6, edges[:, 0], edges[:, 1], weights.astype(np.float32),
+                                                          np.arange(10, 15), n_labels)
+        np.testing.assert_array_equal(deaths, [5.0, 3.0, 2.0])
+        np.testing.assert_array_equal(forest, [[3, 4], [0, 1], [0, 2]])
+        np.testing.assert_array_equal(labels, [13, 10, 12])
+        assert deaths.dtype == np.float64 and forest.dtype == labels.dtype == np.int64
+
+
+def test_forest_edges_with_packed_keys_match_the_positional_scan_with_ties() -> None:
+    rng = np.random.default_rng(0)
+    n, m = 3000, 20000
+    u, v = rng.integers(0, n, m).astype(np.int32), rng.integers(0, n, m).astype(np.int32)
+    weights = (rng.integers(0, 200, m) / 50).astype(np.float32)  # many ties, and zeros (absent edges)
+    label = rng.integers(0, 7, m).astype(np.int32)
+    packed = persistence.forest_edges(n, u, v, weights, label, 7)
+    positional = persistence.forest_edges(n, u, v, weights, label, 2**30)
+    np.testing.assert_array_equal(packed[0], positional[0])
+    np.testing.assert_array_equal(packed[0], h0_persistence(n, np.c_[u, v], weights).deaths)
+    edge_weights: dict[tuple[int, int, int], set[float]] = {}
+    for a, b, w, lab in zip(u.tolist(), v.tolist(), weights.tolist(), label.tolist()):
+        edge_weights.setdefault((a, b, lab), set()).add(w)
+    for (a, b), lab, d in zip(packed[1], packed[2], packed[0]):  # real edges, with their own weight and label
+        assert d in edge_weights[(int(a), int(b), int(lab))]
+    assert len(np.unique(np.sort(packed[1], axis=1), axis=0)) == len(packed[1])  # no edge twice
 
 
 def test_graph_without_nonzero_edges_has_only_essential_bars() -> None:
