@@ -3,7 +3,7 @@
 - digits CNN: trained on ``digits:train`` (``build_demo_models``), calibrated on ``digits:calib``,
   evaluated on ``digits:test``;
 - LeNet-5: trained on MNIST test-set images [0, 6000) (``train_lenet5``), calibrated on [6000, 8000),
-  evaluated on [8000, 10000) (``../shared/data/mnist`` is the t10k set).
+  evaluated on [8000, 10000) (``mnist``: the t10k set in ``data/mnist``).
 
 Models are built when missing, so any benchmark runs on a fresh clone.
 """
@@ -21,7 +21,6 @@ from detector import Dataset, load_dataset  # noqa: E402
 
 MODELS = ROOT / "build" / "models"
 RESULTS = ROOT / "bench" / "results"
-MNIST = ROOT.parent / "shared" / "data" / "mnist"
 N_TRAIN, N_CALIB_END = 6000, 8000
 
 
@@ -49,7 +48,7 @@ def digits_cnn() -> tuple[Path, Path]:
 
 def mnist_splits() -> dict[str, Dataset]:
     """The MNIST test set cut into ``train`` [0, 6000), ``calib`` [6000, 8000) and ``eval`` [8000, 10000)."""
-    mnist = load_dataset(str(MNIST))
+    mnist = load_dataset("mnist")
     return {"train": _part(mnist, 0, N_TRAIN), "calib": _part(mnist, N_TRAIN, N_CALIB_END),
             "eval": _part(mnist, N_CALIB_END, len(mnist))}
 

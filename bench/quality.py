@@ -4,7 +4,7 @@ Runs the offline protocol an ML engineer runs (``advdetect calibrate`` then ``ad
 
 - ``digits_cnn``: the embedded digits CNN (``build/models/``, built if missing); calibrated on ``digits:calib``,
   evaluated on ``digits:test``;
-- ``lenet5``: LeNet-5 trained on the first 6,000 images of ``../shared/data/mnist`` (the same files and split
+- ``lenet5``: LeNet-5 trained on the first 6,000 images of ``data/mnist`` (the same files and split
   as ``bench/topology.py``); calibrated on images [6000:8000], evaluated on [8000:10000].
 
 Every attack of the suite runs with its defaults (eps 0.3 for the L-inf attacks, on MNIST too). The
@@ -77,7 +77,7 @@ def _cases(names: list[str]) -> list[Case]:
         splits = mnist_splits()
         cases.append(Case("lenet5", onnx_path, torchscript, splits["calib"], splits["eval"],
                           f"trained on `mnist[:{N_TRAIN}]` (`train_lenet5`, seed 0, 8 epochs; "
-                          "`../shared/data/mnist` is the MNIST t10k set)"))
+                          "`data/mnist` is the MNIST t10k set)"))
     return cases
 
 

@@ -186,8 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=60)
     p.set_defaults(func=_cmd_demo_models)
 
-    p = sub.add_parser("train-lenet5", help="train LeNet-5 on 28x28 data (e.g. an MNIST IDX folder)")
-    p.add_argument("--data", required=True, help="digits | FILE.npz | IDX file or folder")
+    p = sub.add_parser("train-lenet5", help="train LeNet-5 on 28x28 data (default: the MNIST test set in data/mnist)")
+    p.add_argument("--data", default="mnist", help="mnist (default) | FILE.npz | IDX file or folder")
     p.add_argument("--out", required=True, help="output folder for lenet5.onnx and lenet5.pt")
     p.add_argument("--n-train", type=int, default=6000, help="first N images train, the rest test (default 6000)")
     p.add_argument("--seed", type=int, default=0)
@@ -196,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="fit every scorer on clean data and write a baseline directory")
     p.add_argument("--model", required=True, help="path to the .onnx classifier")
-    p.add_argument("--data", required=True, help="clean data: digits | digits:SPLIT | FILE.npz | IDX file or folder")
+    p.add_argument("--data", required=True, help="clean data: digits | digits:SPLIT | mnist | FILE.npz | IDX file or folder")
     p.add_argument("--out", required=True, help="baseline directory to write")
     p.add_argument("--layers", type=_names, default=None, help="comma-separated layers to capture (default: post-activation)")
     p.add_argument("--fpr", type=_floats, default=(0.01, 0.05), help="target false-positive rates (default 0.01,0.05)")

@@ -9,6 +9,8 @@ spec                   meaning
 ``digits``             all 1,797 images of :func:`sklearn.datasets.load_digits` (8x8, pixel values 0..16 / 16)
 ``digits:SPLIT``       one part of the fixed, seeded, stratified split (``train``, ``calib``, ``test``) used by
                        the demo models (:func:`digits_split`)
+``mnist``              the real MNIST test set (10,000 images, 28x28) that the project carries in ``data/mnist``
+                       (:data:`MNIST_DIR`)
 ``FILE.npz``           arrays ``x`` (n, H, W) or (n, C, H, W) and ``y`` (n,); uint8 pixels are divided by 255
 ``DIR``                a folder with exactly one ``*images-idx3-ubyte[.gz]`` and its ``*labels-idx1-ubyte[.gz]``
 ``FILE-idx3-ubyte``    an IDX images file (gzipped or raw); labels are the matching ``labels-idx1`` file
@@ -26,11 +28,13 @@ import numpy as np
 
 from detector.errors import DataError
 
-__all__ = ["Dataset", "load_dataset", "digits_split", "read_idx", "DIGITS_SPLIT_SEED"]
+__all__ = ["Dataset", "load_dataset", "digits_split", "read_idx", "DIGITS_SPLIT_SEED", "MNIST_DIR"]
 
 #: Seed of the fixed digits split; changing it changes every demo model and baseline.
 DIGITS_SPLIT_SEED = 0
 _DIGITS_FRACTIONS = {"train": 0.5, "calib": 0.3, "test": 0.2}
+#: The MNIST test set (t10k, gzipped IDX) carried in the repository, read by the ``mnist`` spec.
+MNIST_DIR = Path(__file__).resolve().parents[1] / "data" / "mnist"
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -163,9 +167,16 @@ def load_dataset(spec: str, require_labels: bool = True) -> Dataset:
         if split not in parts:
             raise DataError(f"unknown digits split {split!r}; expected one of {', '.join(parts)}")
         return parts[split]
+    if spec == "mnist":
+        if not MNIST_DIR.is_dir():
+            raise DataError(f"'mnist' is the MNIST test set of a source checkout ({MNIST_DIR}), which this "
+                            "installation does not have; name an IDX file or folder instead")
+        images = MNIST_DIR / "t10k-images-idx3-ubyte.gz"
+        return _pair(read_idx(images), read_idx(_idx_label_file(images)), "mnist")
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"data not found: {spec!r} is neither 'digits', 'digits:SPLIT' nor an existing file or folder")
+        raise DataError(f"data not found: {spec!r} is neither 'digits', 'digits:SPLIT', 'mnist' nor an existing "
+                        "file or folder")
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if "images-idx3-ubyte" in p.name)
         if len(images) != 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -58,8 +59,8 @@ def main() -> None:
     parser.add_argument("--models", default="build/models")
     parser.add_argument("--baseline", default="build/baselines/digits_cnn")
     parser.add_argument("--n", type=int, default=100, help="clean inputs sent (and attacked)")
-    parser.add_argument("--grpc-port", type=int, default=50051)
-    parser.add_argument("--metrics-port", type=int, default=9100)
+    parser.add_argument("--grpc-port", type=int, default=0, help="default 0: any free port")
+    parser.add_argument("--metrics-port", type=int, default=0, help="default 0: any free port")
     args = parser.parse_args()
     models, baseline = Path(args.models), Path(args.baseline)
     ensure_artifacts(models, baseline)
@@ -85,18 +86,20 @@ def main() -> None:
                                "--baseline", str(baseline), "--grpc-port", str(args.grpc_port), "--metrics-port",
                                str(args.metrics_port)], stdout=subprocess.PIPE, text=True, env=env)
     line = server.stdout.readline() if server.stdout else ""
-    if "advdetect serving" not in line:
+    started = re.search(r"advdetect serving .* on port (\d+), metrics on port (\d+)", line)
+    if started is None:
         server.kill()
-        sys.exit(f"[demo] the server did not start (is port {args.grpc_port} or {args.metrics_port} in use?)")
+        sys.exit("[demo] the server did not start; its messages are above")
     print(f"[demo] {line.strip()}", flush=True)
+    grpc_port, metrics_port = int(started[1]), int(started[2])
     rows = []
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{args.grpc_port}") as channel:
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             stub = detector_pb2_grpc.DetectorStub(channel)
             rows.append(("clean",) + _send(stub, x, "clean"))
             for name, xa in adversarial.items():
                 rows.append((name,) + _send(stub, xa, name))
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{args.metrics_port}/metrics", timeout=5).read().decode()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
@@ -111,7 +114,7 @@ def main() -> None:
         print(f"{name:<16}{n:>9}{adv:>13}{mis:>15}{rate:>11.2f}{np.median(latencies) * 1e3:>9.1f}")
     flagged = [ln for ln in metrics.splitlines() if ln.startswith("advdetect_flags_total") and not ln.endswith(" 0.0")]
     print(f"\nflags counted by the server: {sum(float(ln.rsplit(' ', 1)[1]) for ln in flagged):.0f}; metrics were at "
-          f"http://127.0.0.1:{args.metrics_port}/metrics, audit log of flagged inputs in {audit} "
+          f"http://127.0.0.1:{metrics_port}/metrics, audit log of flagged inputs in {audit} "
           f"(`advdetect audit {audit}`). `make serve` keeps the server up.")
 
 

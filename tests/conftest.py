@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from detector.data import MNIST_DIR
+
 REPO = Path(__file__).resolve().parents[1]
-#: The real MNIST test set shipped beside the checkout (CI clones main with shared/ next to it).
-MNIST_DIR = REPO.parent / "shared" / "data" / "mnist"
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +39,7 @@ def digits_split_arrays(demo_models: Path) -> dict[str, np.ndarray]:
 def mnist_dir() -> Path:
     """Folder holding the real MNIST test set in IDX format (t10k-images/labels, gzipped)."""
     if not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.fail(f"real MNIST data expected at {MNIST_DIR} (shared/ beside the checkout)")
+        pytest.fail(f"real MNIST data expected at {MNIST_DIR} (data/mnist in the repository)")
     return MNIST_DIR
 
 

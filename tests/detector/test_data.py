@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from detector import DataError, digits_split, load_dataset, read_idx
+from detector.data import MNIST_DIR
 
 
 def _write_idx(path, array: np.ndarray, gz: bool) -> None:
@@ -41,6 +42,16 @@ def test_real_mnist_idx(mnist_dir):
     assert np.bincount(ds.y).tolist()[:3] == [980, 1135, 1032]  # the published class counts of t10k
     same = load_dataset(str(mnist_dir / "t10k-images-idx3-ubyte.gz"))
     assert np.array_equal(same.x, ds.x)
+    named = load_dataset("mnist")
+    assert named.name == "mnist" and np.array_equal(named.x, ds.x) and np.array_equal(named.y, ds.y)
+
+
+def test_repository_carries_the_published_mnist_files():
+    """The vendored copy is byte for byte the published t10k set (md5 sums of data/mnist/README.md)."""
+    sums = {name: hashlib.md5((MNIST_DIR / name).read_bytes()).hexdigest()
+            for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+    assert sums == {"t10k-images-idx3-ubyte.gz": "9fb629c4189551a2d022fa330f9573f3",
+                    "t10k-labels-idx1-ubyte.gz": "ec29112dd5afa0611ce80d1b7f02629c"}
 
 
 def test_raw_and_gzipped_idx_and_npz_round_trip(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -13,6 +14,38 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
+
+
+#: Set to 1 (``.ci/run`` does) to make a missing Prometheus binary fail the tests that need it instead of
+#: skipping them, so CI cannot pass without running them.
+REQUIRE_PROMETHEUS_ENV = "ADVDETECT_REQUIRE_PROMETHEUS"
+
+
+def _prometheus_tool(name: str) -> str:
+    """The path of ``prometheus`` or ``promtool`` (Debian's ``prometheus`` package).
+
+    When the binary is missing the calling test is skipped with the install command, or fails when
+    ``ADVDETECT_REQUIRE_PROMETHEUS=1``.
+    """
+    path = shutil.which(name)
+    if path is None:
+        reason = f"{name} is not on PATH (Debian/Ubuntu: apt-get install prometheus)"
+        if os.environ.get(REQUIRE_PROMETHEUS_ENV) == "1":
+            pytest.fail(f"{reason}; {REQUIRE_PROMETHEUS_ENV}=1 requires it")
+        pytest.skip(reason)
+    return path
+
+
+@pytest.fixture
+def promtool() -> str:
+    """promtool's path (skips, or fails under ``ADVDETECT_REQUIRE_PROMETHEUS=1``, when it is missing)."""
+    return _prometheus_tool("promtool")
+
+
+@pytest.fixture
+def prometheus_binary() -> str:
+    """The Prometheus server's path (skips, or fails under ``ADVDETECT_REQUIRE_PROMETHEUS=1``, when missing)."""
+    return _prometheus_tool("prometheus")
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ service's :class:`~service.metrics.ServiceMetrics` exposes; every ``ADVDETECT_*`
 whose value :func:`~service.settings.load_settings` accepts; ports, paths, selectors and probes agree
 across the Dockerfile, compose, Prometheus and Kubernetes. promtool (Debian's ``prometheus`` package)
 checks the Prometheus config and rules, runs the rules' unit tests and parses every PromQL expression
-of the dashboard and the README; without promtool those tests fail, they do not skip.
+of the dashboard and the README; without promtool those tests are skipped, or fail where
+``ADVDETECT_REQUIRE_PROMETHEUS=1`` (``.ci/run`` sets it).
 ``deploy/healthcheck.py`` runs against real gRPC health servers, plaintext and TLS.
 """
 
@@ -16,7 +17,6 @@ import importlib.util
 import json
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import sys
@@ -230,39 +230,28 @@ def validated_settings(env: dict[str, str], tmp_path: Path, monkeypatch: pytest.
 
 # -- promtool ---------------------------------------------------------------------------------------
 
-def promtool_path() -> str:
-    """promtool's path; fails the calling test (never skips it) when promtool is not installed."""
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.fail(
-            "promtool is not on PATH: it checks deploy/prometheus/*.yml and the PromQL of the dashboard and "
-            "README. Install Debian's prometheus package (apt-get install -y prometheus); .ci/run installs it."
-        )
-    return path
+def run_promtool(promtool: str, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
-def run_promtool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([promtool_path(), *args], capture_output=True, text=True, timeout=60, cwd=cwd)
-
-
-def test_promtool_checks_the_prometheus_config_and_its_rule_file() -> None:
-    result = run_promtool("check", "config", str(PROMETHEUS / "prometheus.yml"))
+def test_promtool_checks_the_prometheus_config_and_its_rule_file(promtool: str) -> None:
+    result = run_promtool(promtool, "check", "config", str(PROMETHEUS / "prometheus.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
     # The config's rule_files were found and checked too (relative to the config file).
     assert "1 rule files found" in result.stdout + result.stderr
 
 
-def test_promtool_checks_the_rules_and_the_operator_copy(tmp_path: Path) -> None:
-    result = run_promtool("check", "rules", str(PROMETHEUS / "rules.yml"))
+def test_promtool_checks_the_rules_and_the_operator_copy(promtool: str, tmp_path: Path) -> None:
+    result = run_promtool(promtool, "check", "rules", str(PROMETHEUS / "rules.yml"))
     assert result.returncode == 0, result.stdout + result.stderr
     copy = tmp_path / "prometheusrule_groups.yml"
     copy.write_text(yaml.safe_dump({"groups": k8s("PrometheusRule")["spec"]["groups"]}))
-    result = run_promtool("check", "rules", str(copy))
+    result = run_promtool(promtool, "check", "rules", str(copy))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_promtool_unit_tests_of_every_alert_pass() -> None:
-    result = run_promtool("test", "rules", "rules_test.yml", cwd=PROMETHEUS)
+def test_promtool_unit_tests_of_every_alert_pass(promtool: str) -> None:
+    result = run_promtool(promtool, "test", "rules", "rules_test.yml", cwd=PROMETHEUS)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "SUCCESS" in result.stdout
     tested = {case["alertname"] for test in load_yaml(PROMETHEUS / "rules_test.yml")["tests"]
@@ -271,20 +260,20 @@ def test_promtool_unit_tests_of_every_alert_pass() -> None:
     assert alerts == tested, f"alerts without a firing test case: {sorted(alerts - tested)}"
 
 
-def test_every_dashboard_and_readme_expression_parses_with_promtool(tmp_path: Path) -> None:
+def test_every_dashboard_and_readme_expression_parses_with_promtool(promtool: str, tmp_path: Path) -> None:
     exprs = [(where, e) for where, e in all_promql() if not where.startswith("rules.yml")]
     assert len(readme_promql()) >= 8 and len(exprs) > len(readme_promql())
     checked = {"groups": [{"name": "shipped_expressions", "rules": [
         {"record": f"check:expression_{i}", "expr": expr} for i, (_, expr) in enumerate(exprs)]}]}
     path = tmp_path / "expressions.yml"
     path.write_text(yaml.safe_dump(checked))
-    result = run_promtool("check", "rules", str(path))
+    result = run_promtool(promtool, "check", "rules", str(path))
     assert result.returncode == 0, result.stdout + result.stderr + "\n" + "\n".join(f"{i}: {w}" for i, (w, _) in enumerate(exprs))
     # The same check rejects a broken expression, so passing means the expressions parsed.
     broken = tmp_path / "broken.yml"
     broken.write_text(yaml.safe_dump({"groups": [{"name": "b", "rules": [
         {"record": "check:broken", "expr": "sum by (flag (rate(advdetect_flags_total[5m]))"}]}]}))
-    assert run_promtool("check", "rules", str(broken)).returncode != 0
+    assert run_promtool(promtool, "check", "rules", str(broken)).returncode != 0
 
 
 # -- metric names and labels ------------------------------------------------------------------------

@@ -1,10 +1,10 @@
 """End to end with a real Prometheus server: it scrapes advdetect, and its query API sees the flag rate rise
-when adversarial traffic follows clean traffic. (`.ci/run` installs Debian's `prometheus` when missing.)"""
+when adversarial traffic follows clean traffic. Skipped without Debian's `prometheus` package, unless
+ADVDETECT_REQUIRE_PROMETHEUS=1 (`.ci/run` installs the package and sets it)."""
 
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -49,14 +49,6 @@ def _wait_for(port: int, expr: str, predicate, timeout_s: float = 30.0) -> float
             return value
         time.sleep(0.5)
     raise AssertionError(f"{expr} never satisfied the condition; last value {value}")
-
-
-@pytest.fixture
-def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        pytest.fail("the Prometheus server is not installed: `apt-get install prometheus` (.ci/run does it)")
-    return path
 
 
 def test_prometheus_sees_the_flag_rate_rise(prometheus_binary, demo_models, cnn_baseline, tmp_path):
