@@ -128,12 +128,12 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         Calls in progress beyond which a new call fails at once with RESOURCE_EXHAUSTED;
         ``None`` for no bound. The server's executor must have a thread for each (plus those of
         health and reflection) so that the check runs before any queueing.
-    workers : int or None, default None
-        Admitted unary calls that compute at once; the others wait for one to finish. ``None``
-        for no bound. A stream computes in its own thread, bounded by ``max_inflight`` only.
     services : tuple of str, default ``protocol.SERVED_SERVICES``
         Full service names the interceptor applies to; other services (health, reflection) pass
         through untouched, so a long health ``Watch`` never holds an in-flight slot.
+    workers : int or None, default None
+        Admitted unary calls that compute at once; the others wait for one to finish. ``None``
+        for no bound. A stream computes in its own thread, bounded by ``max_inflight`` only.
 
     Notes
     -----

@@ -63,21 +63,17 @@ def _check_deadline(context: grpc.ServicerContext) -> None:
         context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the request could be scored")
 
 
-def _default_limits(core: DetectionCore, limits: RequestLimits | None) -> RequestLimits:
-    return limits if limits is not None else RequestLimits(max_batch_size=core.max_batch_size)
-
-
 class DetectorServicer(detector_pb2_grpc.DetectorServicer):
     """``advdetect.v1.Detector``: Detect, DetectStream, GetBaselineInfo.
 
-    ``limits`` bounds each request's cost (default: :class:`RequestLimits` with the core's batch size).
+    ``limits`` bounds each request's cost (:meth:`ServiceSettings.request_limits`).
     ``DetectStream`` takes, in place of a message, the :class:`InvalidInput` that
     :class:`~service.wire.RawRequestInterceptor` gives for one that does not parse, and answers it.
     """
 
-    def __init__(self, core: DetectionCore, limits: RequestLimits | None = None):
+    def __init__(self, core: DetectionCore, limits: RequestLimits):
         self.core = core
-        self.limits = _default_limits(core, limits)
+        self.limits = limits
 
     def _detect(self, request: detector_pb2.DetectRequest | InvalidInput) -> detector_pb2.DetectResponse:
         if isinstance(request, InvalidInput):
@@ -140,10 +136,10 @@ class DetectorServicer(detector_pb2_grpc.DetectorServicer):
 class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
     """The KServe / Triton Open Inference Protocol, with detection results as extra outputs."""
 
-    def __init__(self, core: DetectionCore, server_version: str, limits: RequestLimits | None = None):
+    def __init__(self, core: DetectionCore, server_version: str, limits: RequestLimits):
         self.core = core
         self.server_version = server_version
-        self.limits = _default_limits(core, limits)
+        self.limits = limits
 
     def ServerLive(self, request: oip_pb2.ServerLiveRequest, context: grpc.ServicerContext) -> oip_pb2.ServerLiveResponse:
         return oip_pb2.ServerLiveResponse(live=True)
