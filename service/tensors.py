@@ -126,7 +126,7 @@ class RequestLimits:
 
 
 #: No bounds beyond what a tensor that fits in memory needs (client-side decoding of responses).
-UNLIMITED = RequestLimits(max_tensors=2**31, max_dims=64, max_elements=2**40, max_parameters=2**31,
+_UNLIMITED = RequestLimits(max_tensors=2**31, max_dims=64, max_elements=2**40, max_parameters=2**31,
                           max_string_bytes=2**31)
 
 
@@ -143,9 +143,10 @@ def check_string(value: str, field: str, limits: RequestLimits) -> None:
     InvalidInput
         Naming ``field`` and quoting only the string's start.
     """
+    # The length in characters first: encoding a huge string only to refuse it would cost time.
     if len(value) > limits.max_string_bytes or len(value.encode("utf-8", "surrogatepass")) > limits.max_string_bytes:
-        raise InvalidInput(f"{field}: {len(value.encode('utf-8', 'surrogatepass'))} bytes ({quote(value)}) "
-                           f"exceed the server's max_string_bytes of {limits.max_string_bytes}")
+        raise InvalidInput(f"{field} {quote(value)} is longer than the server's max_string_bytes of "
+                           f"{limits.max_string_bytes}")
 
 
 def _shape_str(shape: Sequence[int]) -> str:
@@ -421,8 +422,9 @@ def infer_input_to_array(
     ------
     InvalidInput
         Unknown datatype or BYTES, bad or empty shape, too many parameters or too long a string,
-        byte or element count not matching the shape, contents in a field that does not belong to the datatype, integers out of the datatype's
-        range, FP16 sent as typed contents, non-finite values.
+        byte or element count not matching the shape, contents in a field that does not belong to
+        the datatype, integers out of the datatype's range, FP16 sent as typed contents, non-finite
+        values.
     """
     name = f"input {quote(tensor.name)}"
     check_string(tensor.name, "input name", limits)
@@ -565,7 +567,7 @@ def infer_response_arrays(response: oip_pb2.ModelInferResponse) -> dict[str, np.
     return {
         tensor.name: _decode_oip(
             f"output {tensor.name!r}", tensor.datatype, tensor.shape, tensor.contents, raw[i] if raw else None,
-            batch=False, require_finite=False, limits=UNLIMITED,
+            batch=False, require_finite=False, limits=_UNLIMITED,
         )
         for i, tensor in enumerate(response.outputs)
     }

@@ -326,14 +326,19 @@ def test_sigterm_drains_in_flight_requests(demo_models, cnn_baseline, tmp_path):
     assert results["health"] in (health_pb2.HealthCheckResponse.NOT_SERVING, grpc.StatusCode.UNAVAILABLE)
 
 
+def _noisy_digits(n: int) -> np.ndarray:
+    """The first ``n`` test digits under strong Gaussian noise (sd 0.7): most of them get flagged."""
+    x = load_dataset("digits:test").x[:n]
+    return np.clip(x + np.random.default_rng(1).normal(0, 0.7, x.shape), 0, 1).astype(np.float32)
+
+
 def test_sigkill_keeps_the_records_of_past_flush_intervals(demo_models, cnn_baseline, tmp_path):
     audit = tmp_path / "audit.jsonl"
     proc, port, _ = _start_subprocess_server(demo_models, cnn_baseline[0], tmp_path,
                                              ("ADVDETECT_AUDIT_LOG_PATH", str(audit)),
                                              ("ADVDETECT_AUDIT_FLUSH_INTERVAL_S", "0.1"),
                                              ("ADVDETECT_AUDIT_FLUSH_BATCH_SIZE", "8"))
-    x = load_dataset("digits:test").x[:32]
-    noisy = np.clip(x + np.random.default_rng(1).normal(0, 0.7, x.shape), 0, 1).astype(np.float32)
+    noisy = _noisy_digits(32)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = detector_pb2_grpc.DetectorStub(channel)
         first = stub.Detect(detector_pb2.DetectRequest(inputs=tensor_to_proto(noisy), request_id="before-kill"))
@@ -357,8 +362,7 @@ def test_audit_sync_loses_no_answered_flagged_record_to_sigkill(demo_models, cnn
                                              ("ADVDETECT_AUDIT_LOG_PATH", str(audit)),
                                              ("ADVDETECT_AUDIT_FLUSH_INTERVAL_S", "60"),
                                              ("ADVDETECT_AUDIT_SYNC", "true"))
-    x = load_dataset("digits:test").x[:4]
-    noisy = np.clip(x + np.random.default_rng(1).normal(0, 0.7, x.shape), 0, 1).astype(np.float32)
+    noisy = _noisy_digits(4)
     answered: dict[str, int] = {}
     lock = threading.Lock()
     stop = threading.Event()
