@@ -40,11 +40,12 @@ serve: baseline
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Benchmarks write bench/results/*.md (topology speed, detection quality, gRPC load).
+# Benchmarks write bench/results/*.md (topology speed, detection quality, gRPC load, hostile traffic).
 bench: $(STAMP)
 	$(PY) bench/topology.py
 	$(PY) bench/quality.py
 	$(PY) bench/load.py
+	$(PY) bench/hostile.py
 
 clean:
 	rm -rf $(BUILD) .pytest_cache

@@ -10,6 +10,8 @@ Models are built when missing, so any benchmark runs on a fresh clone.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,3 +63,19 @@ def lenet5() -> tuple[Path, Path]:
         splits = mnist_splits()
         train_lenet5(splits["train"], splits["eval"], MODELS)
     return MODELS / "lenet5.onnx", MODELS / "lenet5.pt"
+
+
+def start_server(model: Path, baseline: Path, **settings: str) -> tuple[subprocess.Popen, int, int]:
+    """``advdetect serve`` on 127.0.0.1 (free ports) in a subprocess, with ``ADVDETECT_<NAME>`` set from
+    ``settings``; returns the process, its gRPC port and its metrics port once it is ready."""
+    env = {**os.environ, "ADVDETECT_GRPC_HOST": "127.0.0.1", "ADVDETECT_METRICS_HOST": "127.0.0.1",
+           **{f"ADVDETECT_{name.upper()}": value for name, value in settings.items()}}
+    proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", "--model", str(model), "--baseline",
+                             str(baseline), "--grpc-port", "0", "--metrics-port", "0"],
+                            stdout=subprocess.PIPE, text=True, env=env)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if "advdetect serving" not in line:
+        proc.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    ports = line.split(" on port ")
+    return proc, int(ports[1].split(",")[0]), int(ports[2].split()[0])

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import threading
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, digits_cnn, lenet5, mnist_splits, write_result  # noqa: E402  (puts ROOT on sys.path)
+from common import ROOT, digits_cnn, lenet5, mnist_splits, start_server, write_result  # noqa: E402  (puts ROOT on sys.path)
 
 from detector import load_dataset  # noqa: E402
 
@@ -54,20 +53,6 @@ def _prepare() -> dict[str, tuple[Path, Path, np.ndarray]]:
             calibrate(model, calib, baseline, CalibrationConfig(progress=False))
         out[name] = (model, baseline, inputs)
     return out
-
-
-def _start_server(model: Path, baseline: Path, workers: int, processes: int) -> tuple[subprocess.Popen, int]:
-    env = {**os.environ, "ADVDETECT_GRPC_HOST": "127.0.0.1", "ADVDETECT_METRICS_HOST": "127.0.0.1",
-           "ADVDETECT_WORKERS": str(workers), "ADVDETECT_PROCESSES": str(processes),
-           "ADVDETECT_MAX_INFLIGHT_REQUESTS": "256"}
-    proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", "--model", str(model), "--baseline",
-                             str(baseline), "--grpc-port", "0", "--metrics-port", "0"],
-                            stdout=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline() if proc.stdout else ""
-    if "advdetect serving" not in line:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    return proc, int(line.split(" on port ")[1].split(",")[0])
 
 
 def _requests(model_name: str, inputs: np.ndarray, detection: bool) -> list[bytes]:
@@ -175,7 +160,8 @@ def main() -> None:
     args = parser.parse_args()
     rows, paired = [], {}
     for name, (model, baseline, inputs) in _prepare().items():
-        proc, port = _start_server(model, baseline, args.workers, args.processes)
+        proc, port, _ = start_server(model, baseline, workers=str(args.workers), processes=str(args.processes),
+                                  max_inflight_requests="256")
         try:
             _check_outputs(port, name, inputs)
             _run(port, name, inputs, 1, 1.0, True)  # warm-up

@@ -25,10 +25,14 @@ from detector import Capture, DetectionBatch, Detector, InvalidInput, NotReady
 from service.audit import AuditLog
 from service.errors import ModelNotFound
 from service.metrics import ServiceMetrics
+from service.tensors import quote
 
 __all__ = ["DetectionCore"]
 
 logger = logging.getLogger(__name__)
+
+#: Longest a request waits for its audit records with ``audit_sync`` before it fails with UNAVAILABLE.
+AUDIT_SYNC_TIMEOUT_S = 10.0
 
 
 class DetectionCore:
@@ -41,6 +45,9 @@ class DetectionCore:
     metrics : ServiceMetrics
     audit : AuditLog or None
         Started by the caller; flagged inputs are submitted to it.
+    audit_sync : bool, default False
+        Return from :meth:`detect` only once the flagged inputs' records are written and fsync'ed;
+        raise :class:`~detector.NotReady` (UNAVAILABLE) when they could not be.
     max_batch_size : int
     window_size : int
         Inputs in the rolling population window.
@@ -49,11 +56,13 @@ class DetectionCore:
     """
 
     def __init__(self, detector: Detector, model_name: str, metrics: ServiceMetrics, audit: AuditLog | None = None,
-                 max_batch_size: int = 256, window_size: int = 256, window_interval_s: float = 2.0):
+                 max_batch_size: int = 256, window_size: int = 256, window_interval_s: float = 2.0, *,
+                 audit_sync: bool = False):
         self.detector = detector
         self.model_name = model_name
         self.metrics = metrics
         self.audit = audit
+        self.audit_sync = audit_sync
         self.max_batch_size = max_batch_size
         self.flag_names = [rule.name for rule in detector.manifest.flags]
         self._ready = threading.Event()
@@ -106,7 +115,7 @@ class DetectionCore:
     def check_model(self, name: str) -> None:
         """Accept the served model's name (or an empty one); anything else is NOT_FOUND."""
         if name and name != self.model_name:
-            raise ModelNotFound(f"model {name!r} is not served here; this server serves {self.model_name!r}")
+            raise ModelNotFound(f"model {quote(name)} is not served here; this server serves {self.model_name!r}")
 
     def expected_shape(self) -> list[int]:
         """The input shape with -1 for the batch dimension."""
@@ -135,11 +144,7 @@ class DetectionCore:
         flags = [list(d.flags) for d in batch.detections]
         self.metrics.record_results([d.predicted_class for d in batch.detections], flags)
         if self.audit is not None:
-            for i, d in enumerate(batch.detections):
-                if d.flags:
-                    self.audit.log(request_id=request_id, model=self.model_name, predicted_class=d.predicted_class,
-                                   flags=d.flags, scores=d.scores, p_values=d.p_values, index=i,
-                                   baseline_version=self.detector.version, input_array=x[i])
+            self._audit(batch, request_id, x)
         with self._window_lock:
             self._window_flags.extend(bool(f) for f in flags)
             if self._window_layers:
@@ -149,6 +154,20 @@ class DetectionCore:
                     self._pending_inputs -= self._pending.popleft()[0]
         self._window_dirty.set()
         return batch, request_id
+
+    def _audit(self, batch: DetectionBatch, request_id: str, x: np.ndarray) -> None:
+        """Submit a record per flagged input; with ``audit_sync``, wait until they are durable."""
+        assert self.audit is not None
+        submitted = [
+            self.audit.log(request_id=request_id, model=self.model_name, predicted_class=d.predicted_class,
+                           flags=d.flags, scores=d.scores, p_values=d.p_values, index=i,
+                           baseline_version=self.detector.version, input_array=x[i])
+            for i, d in enumerate(batch.detections) if d.flags
+        ]
+        if self.audit_sync and submitted:
+            failed = self.audit.failed_records
+            if not (all(submitted) and self.audit.flush(AUDIT_SYNC_TIMEOUT_S) and self.audit.failed_records == failed):
+                raise NotReady("the audit log could not store this request's flagged inputs; retry later")
 
     # -- population window ----------------------------------------------------------------------
     def window_statistics(self) -> tuple[float, float]:

@@ -11,18 +11,21 @@ order, first match wins:
 * ``TimeoutError``                           -> DEADLINE_EXCEEDED
 * anything else                              -> INTERNAL
 
-The client gets the exception's message (which says what was expected and what arrived), except
-for INTERNAL: a generic :data:`INTERNAL_MESSAGE`, with the traceback in the server log.
+The client gets the exception's message (which says what was expected and what arrived, quoting
+at most a short prefix of any client string), cut to :data:`MAX_DETAILS_CHARS`, except for
+INTERNAL: a generic :data:`INTERNAL_MESSAGE`, with the traceback in the server log.
 
 :class:`ServiceInterceptor` wraps the application services' handlers (not health or reflection):
-it bounds the requests in flight (RESOURCE_EXHAUSTED beyond the bound), maps exceptions with the
-table, and, given a :class:`~service.metrics.ServiceMetrics`, counts every call by method and final
+it admits at most ``max_inflight`` calls (RESOURCE_EXHAUSTED at once beyond the bound, before the
+request is parsed), lets at most ``workers`` admitted unary calls compute at once, maps exceptions
+with the table, and, given a :class:`~service.metrics.ServiceMetrics`, counts every call by method and final
 status code, times unary calls and tracks the in-flight gauge. This follows KServe's
 ``protocol/grpc/interceptors.py`` and MLServer's servicers: servicer methods stay a few lines.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -41,6 +44,7 @@ __all__ = [
     "Overloaded",
     "STATUS_TABLE",
     "INTERNAL_MESSAGE",
+    "MAX_DETAILS_CHARS",
     "status_for",
     "ServiceInterceptor",
 ]
@@ -72,6 +76,10 @@ STATUS_TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
 #: What the client sees for an unexpected exception; the details go to the server log only.
 INTERNAL_MESSAGE = "internal error in the advdetect server; the server log has the details"
 
+#: Longest status message sent to a client (far below grpc's 8 KiB default metadata limit, so that
+#: a long message never turns into a client-side RESOURCE_EXHAUSTED).
+MAX_DETAILS_CHARS = 512
+
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and client-facing message for an exception.
@@ -83,11 +91,14 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     Returns
     -------
     (grpc.StatusCode, str)
-        From :data:`STATUS_TABLE`; ``(INTERNAL, INTERNAL_MESSAGE)`` for anything not in it.
+        From :data:`STATUS_TABLE`, the message cut to :data:`MAX_DETAILS_CHARS`;
+        ``(INTERNAL, INTERNAL_MESSAGE)`` for anything not in it.
     """
     for kind, code in STATUS_TABLE:
         if isinstance(exc, kind):
             message = str(exc) or type(exc).__name__
+            if len(message) > MAX_DETAILS_CHARS:
+                message = message[: MAX_DETAILS_CHARS - 3] + "..."
             return code, message
     return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
 
@@ -115,10 +126,14 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         calls (servicers of streaming methods time each message themselves).
     max_inflight : int or None, default None
         Calls in progress beyond which a new call fails at once with RESOURCE_EXHAUSTED;
-        ``None`` for no bound.
+        ``None`` for no bound. The server's executor must have a thread for each (plus those of
+        health and reflection) so that the check runs before any queueing.
     services : tuple of str, default ``protocol.SERVED_SERVICES``
         Full service names the interceptor applies to; other services (health, reflection) pass
         through untouched, so a long health ``Watch`` never holds an in-flight slot.
+    workers : int or None, default None
+        Admitted unary calls that compute at once; the others wait for one to finish. ``None``
+        for no bound. A stream computes in its own thread, bounded by ``max_inflight`` only.
 
     Notes
     -----
@@ -132,6 +147,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         metrics: ServiceMetrics | None = None,
         max_inflight: int | None = None,
         services: tuple[str, ...] | None = None,
+        workers: int | None = None,
     ) -> None:
         if services is None:
             from service.protocol import SERVED_SERVICES
@@ -144,6 +160,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         self.services = frozenset(services)
         self._lock = threading.Lock()
         self._inflight = 0
+        self._compute = threading.Semaphore(workers) if workers is not None else contextlib.nullcontext()
 
     @property
     def inflight(self) -> int:
@@ -199,7 +216,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 self._reject_overloaded(method, context)
             start = time.perf_counter()
             try:
-                response = behavior(request, context)
+                with self._compute:
+                    response = behavior(request, context)
             except Exception as exc:
                 self._fail(exc, method, context)
             finally:

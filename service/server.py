@@ -29,6 +29,7 @@ from service.errors import ServiceInterceptor
 from service.metrics import MetricsServer, ServiceMetrics, start_metrics_server
 from service.protocol import (
     DETECTOR_METHODS,
+    DETECTOR_SERVICE,
     OIP_METHODS,
     SERVED_SERVICES,
     detector_pb2_grpc,
@@ -37,10 +38,16 @@ from service.protocol import (
 )
 from service.servicers import DetectorServicer, InferenceServicer
 from service.settings import ServiceSettings, SettingsError
+from service.wire import RawRequestInterceptor
 
-__all__ = ["RunningServer", "SWITCH_INTERVAL_S", "create_server", "serve", "stop_event"]
+__all__ = ["CONTROL_THREADS", "RunningServer", "SWITCH_INTERVAL_S", "create_server", "serve", "stop_event"]
 
 logger = logging.getLogger("advdetect.server")
+
+#: Threads (and concurrent calls) beyond ``max_inflight_requests`` for health and reflection, which the
+#: in-flight bound does not count: a full data plane never delays a health check.
+CONTROL_THREADS = 8
+DETECT_STREAM = f"/{DETECTOR_SERVICE}/DetectStream"
 
 
 @dataclass
@@ -97,10 +104,16 @@ def create_server(settings: ServiceSettings, registry: CollectorRegistry | None 
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ServiceMetrics(registry)
     metrics.touch(methods=DETECTOR_METHODS + OIP_METHODS)
+    # One thread per call the server takes at once: a call never waits in the executor's queue, so the
+    # in-flight bound is checked as soon as it arrives and health checks find a thread of their own.
+    # grpc refuses calls beyond that number with RESOURCE_EXHAUSTED before they reach a thread.
+    threads = settings.max_inflight_requests + CONTROL_THREADS
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="advdetect"),
-        interceptors=[ServiceInterceptor(metrics, max_inflight=settings.max_inflight_requests)],
+        futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="advdetect"),
+        interceptors=[ServiceInterceptor(metrics, max_inflight=settings.max_inflight_requests, workers=settings.workers),
+                      RawRequestInterceptor(per_message_errors=frozenset({DETECT_STREAM}))],
         options=settings.grpc_options(),
+        maximum_concurrent_rpcs=threads,
     )
     credentials = settings.server_credentials()
     address = settings.grpc_address
@@ -112,9 +125,11 @@ def create_server(settings: ServiceSettings, registry: CollectorRegistry | None 
     if audit is not None:
         audit.start()
     core = DetectionCore(detector, settings.model_name or Path(settings.model_path).stem, metrics, audit,
-                         max_batch_size=settings.max_batch_size, window_size=settings.population_window_size)
-    detector_pb2_grpc.add_DetectorServicer_to_server(DetectorServicer(core), server)
-    oip_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, _version()), server)
+                         max_batch_size=settings.max_batch_size, window_size=settings.population_window_size,
+                         audit_sync=settings.audit_sync)
+    limits = settings.request_limits()
+    detector_pb2_grpc.add_DetectorServicer_to_server(DetectorServicer(core, limits), server)
+    oip_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(core, _version(), limits), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_reflection(server)
     metrics_server = start_metrics_server(registry, settings.metrics_port, settings.metrics_host) if serve_metrics else None

@@ -34,7 +34,16 @@ from detector import AdvDetectError, Capture, InvalidInput
 from service.core import DetectionCore
 from service.errors import status_for
 from service.protocol import DetectOptions, detector_pb2, detector_pb2_grpc, oip_pb2, oip_pb2_grpc
-from service.tensors import check_shape, infer_request_arrays, make_infer_response, requested_output_names, tensor_from_proto
+from service.tensors import (
+    RequestLimits,
+    check_shape,
+    check_string,
+    infer_request_arrays,
+    make_infer_response,
+    quote,
+    requested_output_names,
+    tensor_from_proto,
+)
 
 __all__ = ["DetectorServicer", "InferenceServicer", "OIP_OUTPUTS"]
 
@@ -55,16 +64,25 @@ def _check_deadline(context: grpc.ServicerContext) -> None:
 
 
 class DetectorServicer(detector_pb2_grpc.DetectorServicer):
-    """``advdetect.v1.Detector``: Detect, DetectStream, GetBaselineInfo."""
+    """``advdetect.v1.Detector``: Detect, DetectStream, GetBaselineInfo.
 
-    def __init__(self, core: DetectionCore):
+    ``limits`` bounds each request's cost (:meth:`ServiceSettings.request_limits`).
+    ``DetectStream`` takes, in place of a message, the :class:`InvalidInput` that
+    :class:`~service.wire.RawRequestInterceptor` gives for one that does not parse, and answers it.
+    """
+
+    def __init__(self, core: DetectionCore, limits: RequestLimits):
         self.core = core
+        self.limits = limits
 
-    def _detect(self, request: detector_pb2.DetectRequest) -> detector_pb2.DetectResponse:
+    def _detect(self, request: detector_pb2.DetectRequest | InvalidInput) -> detector_pb2.DetectResponse:
+        if isinstance(request, InvalidInput):
+            raise request
+        check_string(request.model_name, "model_name", self.limits)
+        check_string(request.request_id, "request_id", self.limits)
         self.core.check_model(request.model_name)
         model = self.core.detector.model
-        x = tensor_from_proto(request.inputs, expected_dtype=np.dtype(model.input_dtype).name,
-                              max_batch_size=self.core.max_batch_size)
+        x = tensor_from_proto(request.inputs, expected_dtype=np.dtype(model.input_dtype).name, limits=self.limits)
         check_shape(x, self.core.expected_shape())
         batch, request_id = self.core.detect(x, request.request_id)
         options = DetectOptions.from_proto(request.options)
@@ -85,7 +103,7 @@ class DetectorServicer(detector_pb2_grpc.DetectorServicer):
         _check_deadline(context)
         return self._detect(request)
 
-    def DetectStream(self, request_iterator: Iterator[detector_pb2.DetectRequest],
+    def DetectStream(self, request_iterator: Iterator[detector_pb2.DetectRequest | InvalidInput],
                      context: grpc.ServicerContext) -> Iterator[detector_pb2.DetectResponse]:
         timer = self.core.metrics.request_duration_seconds.labels(method="DetectStream")
         for request in request_iterator:
@@ -94,7 +112,8 @@ class DetectorServicer(detector_pb2_grpc.DetectorServicer):
                 yield self._detect(request)
             except AdvDetectError as exc:  # one bad message does not end the stream
                 code, message = status_for(exc)
-                yield detector_pb2.DetectResponse(model_name=self.core.model_name, request_id=request.request_id,
+                request_id = "" if isinstance(request, InvalidInput) else request.request_id[: self.limits.max_string_bytes]
+                yield detector_pb2.DetectResponse(model_name=self.core.model_name, request_id=request_id,
                                                   error=detector_pb2.Error(code=code.value[0], message=message))
             timer.observe(time.perf_counter() - start)
 
@@ -117,9 +136,10 @@ class DetectorServicer(detector_pb2_grpc.DetectorServicer):
 class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
     """The KServe / Triton Open Inference Protocol, with detection results as extra outputs."""
 
-    def __init__(self, core: DetectionCore, server_version: str):
+    def __init__(self, core: DetectionCore, server_version: str, limits: RequestLimits):
         self.core = core
         self.server_version = server_version
+        self.limits = limits
 
     def ServerLive(self, request: oip_pb2.ServerLiveRequest, context: grpc.ServicerContext) -> oip_pb2.ServerLiveResponse:
         return oip_pb2.ServerLiveResponse(live=True)
@@ -155,15 +175,16 @@ class InferenceServicer(oip_pb2_grpc.GRPCInferenceServiceServicer):
     def ModelInfer(self, request: oip_pb2.ModelInferRequest, context: grpc.ServicerContext) -> oip_pb2.ModelInferResponse:
         _check_deadline(context)
         self.core.check_model(request.model_name)
-        arrays = infer_request_arrays(request, max_batch_size=self.core.max_batch_size)
+        arrays = infer_request_arrays(request, limits=self.limits)
         if len(arrays) != 1:
-            raise InvalidInput(f"expected one input tensor, got {len(arrays)}: {', '.join(arrays)}")
+            raise InvalidInput(f"expected one input tensor, got {len(arrays)}: {', '.join(map(quote, list(arrays)[:4]))}")
         x = next(iter(arrays.values()))
         check_shape(x, self.core.expected_shape(), name=next(iter(arrays)))
         wanted = requested_output_names(request)
         unknown = [n for n in wanted or () if n not in OIP_OUTPUTS]
         if unknown:
-            raise InvalidInput(f"unknown output(s) {unknown}; this model has {', '.join(OIP_OUTPUTS)}")
+            raise InvalidInput(f"unknown output(s) {', '.join(map(quote, unknown[:4]))}; "
+                               f"this model has {', '.join(OIP_OUTPUTS)}")
         x = x.astype(self.core.detector.model.input_dtype, copy=False)
         if wanted is not None and set(wanted) <= PREDICTION_OUTPUTS:
             outputs, request_id = _prediction_outputs(self.core.classify(x)), request.id

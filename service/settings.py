@@ -23,12 +23,15 @@ from __future__ import annotations
 import re
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from detector.errors import AdvDetectError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from service.tensors import RequestLimits
 
 __all__ = ["ServiceSettings", "SettingsError", "load_settings", "ENV_PREFIX"]
 
@@ -67,11 +70,24 @@ class ServiceSettings(BaseSettings):
         number of cores the server may use. Each process holds its own copy of the model and
         baseline, population window and audit file; connections, not requests, are balanced.
     workers : int, default 4
-        Threads serving requests, per process.
+        Calls of the application services computed at once, per process; admitted calls beyond
+        it wait for a free worker.
     max_inflight_requests : int, default 64
-        Calls in progress (per process) beyond which new ones get RESOURCE_EXHAUSTED.
+        Calls of the application services admitted at once (per process, running or waiting for a
+        worker); a call beyond it gets RESOURCE_EXHAUSTED at once, before its request is decoded.
     max_batch_size : int, default 256
         Largest batch (inputs per request) accepted.
+    max_request_tensors : int, default 16
+        Most input tensors, and most requested outputs, in one Open Inference Protocol request.
+    max_tensor_dims : int, default 8
+        Most dimensions of a tensor's shape.
+    max_tensor_elements : int, default 2**24
+        Most elements of one input tensor (the product of its shape).
+    max_request_parameters : int, default 16
+        Most ``parameters`` entries of an Open Inference Protocol request and of each of its tensors.
+    max_string_bytes : int, default 256
+        Longest client string: model name, request id, tensor and output names, dtype, parameter
+        keys and string values.
     max_message_bytes : int, default 16 MiB
         Largest gRPC message received or sent.
     grace_period_s : float, default 10.0
@@ -92,6 +108,10 @@ class ServiceSettings(BaseSettings):
         Longest a record waits before its batch is flushed.
     audit_include_inputs : bool, default False
         Store each flagged input in the audit log (base64 of its ``.npy`` bytes).
+    audit_sync : bool, default False
+        Answer a request with flagged inputs only once their records are written and fsync'ed (a
+        SIGKILL then loses no record whose response was sent); the writer then flushes whatever is
+        queued at once instead of waiting ``audit_flush_interval_s`` for a batch to fill.
     population_window_size : int, default 256
         Inputs in the rolling window behind the population metrics.
     log_level : {"DEBUG", "INFO", "WARNING", "ERROR"}, default "INFO"
@@ -118,6 +138,11 @@ class ServiceSettings(BaseSettings):
     workers: int = Field(4, ge=1, le=256)
     max_inflight_requests: int = Field(64, ge=1)
     max_batch_size: int = Field(256, ge=1)
+    max_request_tensors: int = Field(16, ge=1)
+    max_tensor_dims: int = Field(8, ge=2, le=64)
+    max_tensor_elements: int = Field(2**24, ge=1)
+    max_request_parameters: int = Field(16, ge=0)
+    max_string_bytes: int = Field(256, ge=16)
     max_message_bytes: int = Field(16 * _MIB, ge=1024, le=2**31 - 1)
     grace_period_s: float = Field(10.0, ge=0.0)
 
@@ -131,6 +156,7 @@ class ServiceSettings(BaseSettings):
     audit_flush_batch_size: int = Field(64, ge=1)
     audit_flush_interval_s: float = Field(1.0, gt=0.0)
     audit_include_inputs: bool = False
+    audit_sync: bool = False
 
     population_window_size: int = Field(256, ge=2)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -232,6 +258,14 @@ class ServiceSettings(BaseSettings):
             root_certificates=ca,
             require_client_auth=ca is not None,
         )
+
+    def request_limits(self) -> RequestLimits:
+        """The per-request cost bounds the decoders check (:class:`service.tensors.RequestLimits`)."""
+        from service.tensors import RequestLimits
+
+        return RequestLimits(max_batch_size=self.max_batch_size, max_tensors=self.max_request_tensors,
+                             max_dims=self.max_tensor_dims, max_elements=self.max_tensor_elements,
+                             max_parameters=self.max_request_parameters, max_string_bytes=self.max_string_bytes)
 
     def grpc_options(self) -> list[tuple[str, int]]:
         """Server options: ``max_message_bytes`` for received and sent messages; with several

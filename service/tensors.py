@@ -12,13 +12,23 @@ Wire layouts
   bytes (Triton's serialisation, what ``tritonclient`` reads and writes).
 * OIP ``InferTensorContents``: one repeated field per datatype family (``fp32_contents`` for FP32,
   ``int_contents`` for INT8/INT16/INT32, ...), flattened row-major.
+
+Cost bounds
+-----------
+A request's decoder checks it against :class:`RequestLimits` before it allocates or loops over
+anything whose size the client chose: the number of tensors, outputs and parameters, the length of
+every string, the dimension count (``len(shape)``, O(1)), each dimension and the element count
+(a product over at most ``max_dims`` factors, each below ``max_elements``). Error messages quote
+at most :data:`QUOTE_CHARS` characters of any client string.
 """
 
 from __future__ import annotations
 
 import math
 import struct
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,6 +37,11 @@ from detector.errors import InvalidInput
 from service.protocol import detector_pb2, oip_pb2
 
 __all__ = [
+    "QUOTE_CHARS",
+    "RequestLimits",
+    "quote",
+    "check_string",
+    "check_parameters",
     "NATIVE_DTYPES",
     "OIP_DATATYPES",
     "decode_array",
@@ -78,23 +93,90 @@ _CONTENTS_FIELD: dict[str, str] = {
 _ALL_CONTENTS_FIELDS = tuple(sorted(set(_CONTENTS_FIELD.values())))
 
 
+#: Most characters of a client's string that an error message repeats.
+QUOTE_CHARS = 40
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """Cost bounds of one request, checked before any work (settings ``max_*``, see the README).
+
+    Parameters
+    ----------
+    max_batch_size : int or None, default None
+        Largest ``shape[0]`` of an input tensor; ``None`` for no bound.
+    max_tensors : int, default 16
+        Most input tensors and most requested outputs of an OIP request.
+    max_dims : int, default 8
+        Most dimensions of a shape.
+    max_elements : int, default 2**24
+        Most elements of one tensor.
+    max_parameters : int, default 16
+        Most ``parameters`` entries of an OIP request and of each of its tensors.
+    max_string_bytes : int, default 256
+        Longest client string (names, ids, dtypes, parameter keys and string values), in bytes of UTF-8.
+    """
+
+    max_batch_size: int | None = None
+    max_tensors: int = 16
+    max_dims: int = 8
+    max_elements: int = 2**24
+    max_parameters: int = 16
+    max_string_bytes: int = 256
+
+
+#: No bounds beyond what a tensor that fits in memory needs (client-side decoding of responses).
+_UNLIMITED = RequestLimits(max_tensors=2**31, max_dims=64, max_elements=2**40, max_parameters=2**31,
+                          max_string_bytes=2**31)
+
+
+def quote(text: str) -> str:
+    """``repr`` of a client string cut to :data:`QUOTE_CHARS` characters (``'abc'...`` when cut)."""
+    return repr(text[:QUOTE_CHARS]) + ("..." if len(text) > QUOTE_CHARS else "")
+
+
+def check_string(value: str, field: str, limits: RequestLimits) -> None:
+    """Refuse a client string longer than ``limits.max_string_bytes`` (bytes of UTF-8).
+
+    Raises
+    ------
+    InvalidInput
+        Naming ``field`` and quoting only the string's start.
+    """
+    # The length in characters first: encoding a huge string only to refuse it would cost time.
+    if len(value) > limits.max_string_bytes or len(value.encode("utf-8", "surrogatepass")) > limits.max_string_bytes:
+        raise InvalidInput(f"{field} {quote(value)} is longer than the server's max_string_bytes of "
+                           f"{limits.max_string_bytes}")
+
+
 def _shape_str(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
 
-def _check_dims(shape: Sequence[int], name: str, *, max_batch_size: int | None) -> tuple[int, ...]:
+def _check_dims(shape: Sequence[int], name: str, limits: RequestLimits, *, batch: bool = True) -> tuple[int, ...]:
+    """Validate a client's shape in O(``limits.max_dims``); returns it as a tuple of ints."""
+    if len(shape) > limits.max_dims:
+        raise InvalidInput(f"{name}: shape has {len(shape)} dimensions; the server accepts at most {limits.max_dims}")
     dims = tuple(int(d) for d in shape)
-    if not dims:
-        raise InvalidInput(f"{name}: shape is empty; expected a batch shape [N, ...] with N >= 1")
     if any(d < 0 for d in dims):
         raise InvalidInput(f"{name}: shape {_shape_str(dims)} has a negative dimension")
+    count = 1
+    for d in dims:  # capped at each step: at most max_dims small products, never a huge integer
+        count = min(count * d, limits.max_elements + 1)
+    if count > limits.max_elements:
+        raise InvalidInput(f"{name}: shape {_shape_str(dims)} has more than the server's max_tensor_elements of "
+                           f"{limits.max_elements} elements")
+    if not batch:
+        return dims
+    if not dims:
+        raise InvalidInput(f"{name}: shape is empty; expected a batch shape [N, ...] with N >= 1")
     if dims[0] == 0:
         raise InvalidInput(f"{name}: empty batch (shape {_shape_str(dims)}); expected at least one input")
     if any(d == 0 for d in dims):
         raise InvalidInput(f"{name}: shape {_shape_str(dims)} has no elements")
-    if max_batch_size is not None and dims[0] > max_batch_size:
+    if limits.max_batch_size is not None and dims[0] > limits.max_batch_size:
         raise InvalidInput(
-            f"{name}: batch of {dims[0]} inputs exceeds the server's max_batch_size of {max_batch_size}"
+            f"{name}: batch of {dims[0]} inputs exceeds the server's max_batch_size of {limits.max_batch_size}"
         )
     return dims
 
@@ -138,7 +220,7 @@ def decode_array(
     name: str = "inputs",
     expected_dtype: str | None = None,
     require_finite: bool = True,
-    max_batch_size: int | None = None,
+    limits: RequestLimits = RequestLimits(),
 ) -> np.ndarray:
     """Little-endian bytes + shape + numpy dtype name -> ndarray, validated.
 
@@ -156,8 +238,8 @@ def decode_array(
         When given, ``dtype`` must equal it (no silent casts).
     require_finite : bool, default True
         Reject NaN and +-Inf in floating tensors.
-    max_batch_size : int or None
-        Largest accepted ``shape[0]``.
+    limits : RequestLimits, default RequestLimits()
+        Cost bounds (batch size, dimensions, elements, dtype length) checked before any work.
 
     Returns
     -------
@@ -168,15 +250,15 @@ def decode_array(
     ------
     InvalidInput
         Unknown or unexpected dtype, empty/negative/oversized shape, byte length not
-        ``prod(shape) * itemsize``, non-finite values, bool bytes other than 0/1.
+        ``prod(shape) * itemsize``, non-finite values, bool bytes other than 0/1, a limit exceeded.
     """
     if dtype not in NATIVE_DTYPES:
         raise InvalidInput(
-            f"{name}: dtype {dtype!r} is not supported; expected one of {', '.join(NATIVE_DTYPES)}"
+            f"{name}: dtype {quote(dtype)} is not supported; expected one of {', '.join(NATIVE_DTYPES)}"
         )
     if expected_dtype is not None and dtype != expected_dtype:
         raise InvalidInput(f"{name}: expected dtype {expected_dtype}, got {dtype}")
-    dims = _check_dims(shape, name, max_batch_size=max_batch_size)
+    dims = _check_dims(shape, name, limits)
     array = _from_le_bytes(bytes(data), dims, NATIVE_DTYPES[dtype], name, dtype)
     if require_finite:
         _check_finite(array, name)
@@ -195,7 +277,7 @@ def encode_array(array: np.ndarray) -> tuple[bytes, list[int], str]:
 
 def tensor_from_proto(tensor: detector_pb2.Tensor, **kwargs: Any) -> np.ndarray:
     """``advdetect.v1.Tensor`` -> ndarray; keyword arguments as in :func:`decode_array`."""
-    return decode_array(tensor.data, list(tensor.shape), tensor.dtype, **kwargs)
+    return decode_array(tensor.data, tensor.shape, tensor.dtype, **kwargs)
 
 
 def tensor_to_proto(array: np.ndarray) -> detector_pb2.Tensor:
@@ -270,16 +352,12 @@ def _decode_oip(
     *,
     batch: bool,
     require_finite: bool,
-    max_batch_size: int | None,
+    limits: RequestLimits,
 ) -> np.ndarray:
-    if datatype not in OIP_DATATYPES:
-        raise InvalidInput(f"{name}: datatype {datatype!r} is not supported; expected one of {', '.join(OIP_DATATYPES)}")
-    if batch:
-        dims = _check_dims(shape, name, max_batch_size=max_batch_size)
-    else:
-        dims = tuple(int(d) for d in shape)
-        if any(d < 0 for d in dims):
-            raise InvalidInput(f"{name}: shape {_shape_str(dims)} has a negative dimension")
+    if datatype not in OIP_DATATYPES or (batch and datatype == "BYTES"):
+        accepted = [d for d in OIP_DATATYPES if not (batch and d == "BYTES")]
+        raise InvalidInput(f"{name}: datatype {quote(datatype)} is not supported; expected one of {', '.join(accepted)}")
+    dims = _check_dims(shape, name, limits, batch=batch)
     count = math.prod(dims)
     dtype = OIP_DATATYPES[datatype]
     if raw is not None:
@@ -323,7 +401,7 @@ def infer_input_to_array(
     raw: bytes | None = None,
     *,
     require_finite: bool = True,
-    max_batch_size: int | None = None,
+    limits: RequestLimits = RequestLimits(),
 ) -> np.ndarray:
     """One OIP input tensor -> ndarray, from ``raw`` bytes when given, else from ``tensor.contents``.
 
@@ -332,51 +410,84 @@ def infer_input_to_array(
     tensor : ModelInferRequest.InferInputTensor
     raw : bytes or None
         The tensor's entry of ``raw_input_contents``.
-    require_finite, max_batch_size
+    require_finite, limits
         As in :func:`decode_array`.
 
     Returns
     -------
     ndarray of shape ``tensor.shape``
-        dtype from :data:`OIP_DATATYPES`; BYTES gives an object array of ``bytes``.
+        dtype from :data:`OIP_DATATYPES` (a numeric one: a model input is never BYTES).
 
     Raises
     ------
     InvalidInput
-        Unknown datatype, bad or empty shape, byte or element count not matching the shape,
-        contents in a field that does not belong to the datatype, integers out of the datatype's
-        range, FP16 sent as typed contents, non-finite values.
+        Unknown datatype or BYTES, bad or empty shape, too many parameters or too long a string,
+        byte or element count not matching the shape, contents in a field that does not belong to
+        the datatype, integers out of the datatype's range, FP16 sent as typed contents, non-finite
+        values.
     """
+    name = f"input {quote(tensor.name)}"
+    check_string(tensor.name, "input name", limits)
+    check_string(tensor.datatype, f"{name}: datatype", limits)
+    check_parameters(tensor.parameters, f"{name}: parameters", limits)
     return _decode_oip(
-        f"input {tensor.name!r}", tensor.datatype, tensor.shape,
-        tensor.contents if tensor.HasField("contents") else None, raw,
-        batch=True, require_finite=require_finite, max_batch_size=max_batch_size,
+        name, tensor.datatype, tensor.shape, tensor.contents if tensor.HasField("contents") else None, raw,
+        batch=True, require_finite=require_finite, limits=limits,
     )
+
+
+def check_parameters(parameters: Mapping[str, oip_pb2.InferParameter], field: str, limits: RequestLimits) -> None:
+    """Refuse more than ``limits.max_parameters`` entries, or a key or string value longer than
+    ``limits.max_string_bytes``.
+
+    Raises
+    ------
+    InvalidInput
+    """
+    if len(parameters) > limits.max_parameters:
+        raise InvalidInput(f"{field}: {len(parameters)} entries; the server accepts at most {limits.max_parameters}")
+    for key, value in parameters.items():
+        check_string(key, f"{field}: key", limits)
+        if value.WhichOneof("parameter_choice") == "string_param":
+            check_string(value.string_param, f"{field}[{quote(key)}]", limits)
 
 
 def infer_request_arrays(
     request: oip_pb2.ModelInferRequest,
     *,
     require_finite: bool = True,
-    max_batch_size: int | None = None,
+    limits: RequestLimits = RequestLimits(),
 ) -> dict[str, np.ndarray]:
     """All inputs of an OIP ``ModelInferRequest`` by name, from raw or typed contents.
+
+    The counts and strings of the request itself (inputs, outputs, parameters, model name, id) are
+    checked against ``limits`` first, in time proportional to their number, before any tensor.
 
     Raises
     ------
     InvalidInput
-        No inputs, duplicate input names, a ``raw_input_contents`` count different from the
-        number of inputs, raw and typed contents mixed, or any per-tensor problem of
+        No inputs, more inputs or outputs than ``limits.max_tensors``, duplicate input names, a
+        ``raw_input_contents`` count different from the number of inputs, raw and typed contents
+        mixed, a string or parameter limit exceeded, or any per-tensor problem of
         :func:`infer_input_to_array`.
     """
-    inputs = list(request.inputs)
+    inputs = request.inputs
     if not inputs:
         raise InvalidInput("the request has no inputs; expected one input tensor")
-    names = [t.name for t in inputs]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
+    for field, count in (("inputs", len(inputs)), ("outputs", len(request.outputs))):
+        if count > limits.max_tensors:
+            raise InvalidInput(f"{field}: {count} entries; the server accepts at most {limits.max_tensors}")
+    check_string(request.model_name, "model_name", limits)
+    check_string(request.model_version, "model_version", limits)
+    check_string(request.id, "id", limits)
+    check_parameters(request.parameters, "parameters", limits)
+    for output in request.outputs:
+        check_string(output.name, "output name", limits)
+        check_parameters(output.parameters, f"output {quote(output.name)}: parameters", limits)
+    duplicates = sorted(n for n, k in Counter(t.name for t in inputs).items() if k > 1)
     if duplicates:
-        raise InvalidInput(f"input name(s) given more than once: {', '.join(repr(n) for n in duplicates)}")
-    raw = list(request.raw_input_contents)
+        raise InvalidInput(f"input name(s) given more than once: {', '.join(quote(n) for n in duplicates[:4])}")
+    raw = request.raw_input_contents
     if raw:
         if len(raw) != len(inputs):
             raise InvalidInput(
@@ -385,17 +496,12 @@ def infer_request_arrays(
         typed = [t.name for t in inputs if t.HasField("contents")]
         if typed:
             raise InvalidInput(
-                f"input(s) {', '.join(repr(n) for n in typed)} have typed contents while raw_input_contents is used; "
-                "use one or the other"
+                f"input(s) {', '.join(quote(n) for n in typed[:4])} have typed contents while raw_input_contents "
+                "is used; use one or the other"
             )
-        return {
-            t.name: infer_input_to_array(t, r, require_finite=require_finite, max_batch_size=max_batch_size)
-            for t, r in zip(inputs, raw)
-        }
-    return {
-        t.name: infer_input_to_array(t, None, require_finite=require_finite, max_batch_size=max_batch_size)
-        for t in inputs
-    }
+        return {t.name: infer_input_to_array(t, r, require_finite=require_finite, limits=limits)
+                for t, r in zip(inputs, raw)}
+    return {t.name: infer_input_to_array(t, None, require_finite=require_finite, limits=limits) for t in inputs}
 
 
 def requested_output_names(request: oip_pb2.ModelInferRequest) -> list[str] | None:
@@ -461,7 +567,7 @@ def infer_response_arrays(response: oip_pb2.ModelInferResponse) -> dict[str, np.
     return {
         tensor.name: _decode_oip(
             f"output {tensor.name!r}", tensor.datatype, tensor.shape, tensor.contents, raw[i] if raw else None,
-            batch=False, require_finite=False, max_batch_size=None,
+            batch=False, require_finite=False, limits=_UNLIMITED,
         )
         for i, tensor in enumerate(response.outputs)
     }

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from detector import BaselineError, load_dataset
 from service.audit import AuditReader
-from service.protocol import detector_pb2, detector_pb2_grpc
+from service.protocol import detector_pb2, detector_pb2_grpc, oip_pb2, oip_pb2_grpc
 from service.server import create_server
 from service.settings import SettingsError, load_settings
 from service.tensors import tensor_to_proto
@@ -326,14 +326,19 @@ def test_sigterm_drains_in_flight_requests(demo_models, cnn_baseline, tmp_path):
     assert results["health"] in (health_pb2.HealthCheckResponse.NOT_SERVING, grpc.StatusCode.UNAVAILABLE)
 
 
-def test_sigkill_loses_at_most_the_unflushed_audit_batch(demo_models, cnn_baseline, tmp_path):
+def _noisy_digits(n: int) -> np.ndarray:
+    """The first ``n`` test digits under strong Gaussian noise (sd 0.7): most of them get flagged."""
+    x = load_dataset("digits:test").x[:n]
+    return np.clip(x + np.random.default_rng(1).normal(0, 0.7, x.shape), 0, 1).astype(np.float32)
+
+
+def test_sigkill_keeps_the_records_of_past_flush_intervals(demo_models, cnn_baseline, tmp_path):
     audit = tmp_path / "audit.jsonl"
     proc, port, _ = _start_subprocess_server(demo_models, cnn_baseline[0], tmp_path,
                                              ("ADVDETECT_AUDIT_LOG_PATH", str(audit)),
                                              ("ADVDETECT_AUDIT_FLUSH_INTERVAL_S", "0.1"),
                                              ("ADVDETECT_AUDIT_FLUSH_BATCH_SIZE", "8"))
-    x = load_dataset("digits:test").x[:32]
-    noisy = np.clip(x + np.random.default_rng(1).normal(0, 0.7, x.shape), 0, 1).astype(np.float32)
+    noisy = _noisy_digits(32)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = detector_pb2_grpc.DetectorStub(channel)
         first = stub.Detect(detector_pb2.DetectRequest(inputs=tensor_to_proto(noisy), request_id="before-kill"))
@@ -348,6 +353,48 @@ def test_sigkill_loses_at_most_the_unflushed_audit_batch(demo_models, cnn_baseli
     assert sum(r["request_id"] == "before-kill" for r in records) == n_flagged
     assert reader.torn_lines <= 1
     assert all(r["request_id"] in ("before-kill", "racing-kill") for r in records)
+
+
+def test_audit_sync_loses_no_answered_flagged_record_to_sigkill(demo_models, cnn_baseline, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    # Without audit_sync nothing would be written before the kill: batches of 64, flushed every 60 s.
+    proc, port, _ = _start_subprocess_server(demo_models, cnn_baseline[0], tmp_path,
+                                             ("ADVDETECT_AUDIT_LOG_PATH", str(audit)),
+                                             ("ADVDETECT_AUDIT_FLUSH_INTERVAL_S", "60"),
+                                             ("ADVDETECT_AUDIT_SYNC", "true"))
+    noisy = _noisy_digits(4)
+    answered: dict[str, int] = {}
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def caller(k: int) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = detector_pb2_grpc.DetectorStub(channel)
+            for i in range(10_000):
+                if stop.is_set():
+                    return
+                try:
+                    reply = stub.Detect(detector_pb2.DetectRequest(inputs=tensor_to_proto(noisy), request_id=f"c{k}-{i}"))
+                except grpc.RpcError:
+                    return  # the server is gone
+                with lock:
+                    answered[reply.request_id] = sum(bool(r.flags) for r in reply.results)
+
+    callers = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in callers:
+        t.start()
+    while len(answered) < 40 and all(t.is_alive() for t in callers):
+        time.sleep(0.01)
+    proc.kill()  # while the callers' requests are in flight
+    proc.wait(timeout=30)
+    stop.set()
+    for t in callers:
+        t.join(timeout=30)
+    stored: dict[str, int] = {}
+    for record in AuditReader(audit):
+        stored[record["request_id"]] = stored.get(record["request_id"], 0) + 1
+    assert len(answered) >= 40 and sum(answered.values()) >= 40
+    assert {rid: n for rid, n in answered.items() if n} == {rid: stored.get(rid, 0) for rid, n in answered.items() if n}
 
 
 def test_several_processes_share_the_port_metrics_and_audit(demo_models, cnn_baseline, tmp_path):
@@ -386,3 +433,71 @@ def test_serving_path_does_not_import_torch():
     code = ("import sys, service.server, service.servicers, service.core, detector.pipeline; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+GARBAGE = b"\xff\xff\xff\xff\x0f garbage that is no protobuf"
+
+
+def test_requests_that_are_not_protobuf_get_invalid_argument(server, stub):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for method in ("/advdetect.v1.Detector/Detect", "/inference.GRPCInferenceService/ModelInfer",
+                       "/grpc.health.v1.Health/Check"):
+            code, details = _code(lambda: channel.unary_unary(method)(GARBAGE, timeout=10))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code, details)
+            assert f"is not a valid protobuf message for {method}" in details
+        good = detector_pb2.DetectRequest(inputs=tensor_to_proto(load_dataset("digits:test").x[:1]), request_id="ok")
+        stream = channel.stream_stream("/advdetect.v1.Detector/DetectStream")
+        replies = [detector_pb2.DetectResponse.FromString(r)
+                   for r in stream(iter([GARBAGE, good.SerializeToString()]), timeout=30)]
+    assert replies[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "not a valid protobuf" in replies[0].error.message
+    assert replies[1].request_id == "ok" and len(replies[1].results) == 1
+
+
+def test_hostile_shapes_and_inputs_get_invalid_argument_with_short_details(server, stub):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        infer = oip_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer
+        many = oip_pb2.ModelInferRequest()
+        many.inputs.extend(oip_pb2.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1])
+                           for _ in range(20_000))
+        text = oip_pb2.ModelInferRequest()
+        text.inputs.add(name="x", datatype="BYTES", shape=[1, 1]).contents.bytes_contents.append(b"hello")
+        cases = [
+            lambda: infer(many),
+            lambda: infer(text),
+            lambda: stub.Detect(detector_pb2.DetectRequest(inputs=detector_pb2.Tensor(shape=[2] * 600_000, dtype="float32"))),
+            lambda: stub.Detect(detector_pb2.DetectRequest(inputs=detector_pb2.Tensor(shape=[2**63 - 1] * 4, dtype="float32"))),
+        ]
+        for call in cases:
+            code, details = _code(call)
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, (code, details)
+        code, details = _code(lambda: stub.Detect(detector_pb2.DetectRequest(model_name="m" * 100_000)))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and len(details) <= 512 and "m" * 41 not in details
+        code, details = _code(lambda: stub.Detect(detector_pb2.DetectRequest(model_name="m" * 200)))
+        assert code == grpc.StatusCode.NOT_FOUND and "m" * 41 not in details
+
+
+def test_calls_beyond_max_inflight_are_refused_at_once_whatever_workers_is(demo_models, cnn_baseline):
+    running = create_server(_settings(demo_models, cnn_baseline[0], max_inflight_requests=2, workers=1))
+    x = tensor_to_proto(load_dataset("digits:test").x[:256])  # a batch that takes about a second to score
+    codes: list[grpc.StatusCode] = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = detector_pb2_grpc.DetectorStub(channel)
+
+            def call() -> None:
+                try:
+                    stub.Detect(detector_pb2.DetectRequest(inputs=x), timeout=120)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+
+            callers = [threading.Thread(target=call) for _ in range(8)]
+            for t in callers:
+                t.start()
+            for t in callers:
+                t.join()
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    finally:
+        running.stop(grace_s=1)
+    assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert health.status == health_pb2.HealthCheckResponse.SERVING

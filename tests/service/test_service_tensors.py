@@ -12,6 +12,7 @@ from detector.errors import InvalidInput
 from service.protocol import detector_pb2, oip_pb2
 from service.tensors import (
     NATIVE_DTYPES,
+    RequestLimits,
     check_shape,
     decode_array,
     encode_array,
@@ -37,7 +38,7 @@ def test_native_round_trip_of_real_digits(digits) -> None:
     message = detector_pb2.Tensor.FromString(tensor_to_proto(digits).SerializeToString())
     assert list(message.shape) == [8, 1, 8, 8] and message.dtype == "float32"
     assert len(message.data) == 8 * 64 * 4
-    back = tensor_from_proto(message, expected_dtype="float32", max_batch_size=8)
+    back = tensor_from_proto(message, expected_dtype="float32", limits=RequestLimits(max_batch_size=8))
     np.testing.assert_array_equal(back, digits)
     assert back.dtype == np.float32 and not back.flags.writeable
 
@@ -107,7 +108,7 @@ def test_non_finite_values_are_located(digits) -> None:
 )
 def test_bad_dtype_and_shape_messages(shape, dtype, message) -> None:
     with pytest.raises(InvalidInput, match=message):
-        decode_array(b"", shape, dtype, max_batch_size=256)
+        decode_array(b"", shape, dtype, limits=RequestLimits(max_batch_size=256))
 
 
 def test_expected_dtype_and_shape(digits) -> None:
@@ -122,11 +123,61 @@ def test_expected_dtype_and_shape(digits) -> None:
 
 
 def test_huge_claimed_shape_does_not_allocate() -> None:
-    with pytest.raises(InvalidInput, match=r"expected 4000000000000 bytes .* got 16"):
+    with pytest.raises(InvalidInput, match=r"shape \[1000000, 1000000\] has more than the server's max_tensor_elements"):
         decode_array(b"\0" * 16, [10**6, 10**6], "float32")
+    with pytest.raises(InvalidInput, match=r"expected 4000000000000 bytes .* got 16"):
+        decode_array(b"\0" * 16, [10**6, 10**6], "float32", limits=RequestLimits(max_elements=10**13))
+
+
+def test_cost_limits_are_checked_before_the_shape_is_read() -> None:
+    # 600,000 dimensions (the probe's stall) and int64-maximum dimensions whose product has 4,000+ digits.
+    message = detector_pb2.Tensor(data=b"\0" * 16, shape=[2] * 600_000, dtype="float32")
+    with pytest.raises(InvalidInput, match="shape has 600000 dimensions; the server accepts at most 8"):
+        tensor_from_proto(message)
+    with pytest.raises(InvalidInput, match="more than the server's max_tensor_elements of 16777216"):
+        decode_array(b"", [2**63 - 1] * 8, "float32")
+    with pytest.raises(InvalidInput, match=r"dtype 'x{40}'\.\.\. is not supported"):
+        decode_array(b"", [1], "x" * 100_000)
 
 
 # -- Open Inference Protocol -------------------------------------------------------------------------
+
+
+def test_request_counts_and_strings_are_bounded_and_never_echoed_in_full() -> None:
+    many = oip_pb2.ModelInferRequest()
+    many.inputs.extend(oip_pb2.ModelInferRequest.InferInputTensor(name="x", datatype="FP32", shape=[1])
+                       for _ in range(20_000))
+    with pytest.raises(InvalidInput, match="inputs: 20000 entries; the server accepts at most 16"):
+        infer_request_arrays(many)
+    long_name = oip_pb2.ModelInferRequest(model_name="m" * 10_000)
+    long_name.inputs.add(name="x", datatype="FP32", shape=[1])
+    with pytest.raises(InvalidInput, match=r"model_name 'm{40}'\.\.\. is longer than the server's max_string_bytes of 256") as err:
+        infer_request_arrays(long_name)
+    assert len(str(err.value)) < 200
+    params = oip_pb2.ModelInferRequest()
+    params.inputs.add(name="x", datatype="FP32", shape=[1]).parameters["k"].string_param = "v" * 300
+    with pytest.raises(InvalidInput, match=r"input 'x': parameters\['k'\] 'v{40}'\.\.\. is longer"):
+        infer_request_arrays(params, limits=RequestLimits(max_tensors=20_000))
+    for _ in range(17):
+        params.parameters[f"p{_}"].bool_param = True
+    with pytest.raises(InvalidInput, match="parameters: 17 entries; the server accepts at most 16"):
+        infer_request_arrays(params)
+
+
+def test_duplicate_names_are_found_in_linear_time_and_quoted_briefly() -> None:
+    request = oip_pb2.ModelInferRequest()
+    request.inputs.extend(oip_pb2.ModelInferRequest.InferInputTensor(name=f"{i // 2}" + "n" * 100, datatype="FP32",
+                                                                     shape=[1]) for i in range(20_000))
+    with pytest.raises(InvalidInput, match="given more than once") as err:
+        infer_request_arrays(request, limits=RequestLimits(max_tensors=20_000))
+    assert len(str(err.value)) < 400
+
+
+def test_a_bytes_input_is_invalid_argument_not_a_cast_error() -> None:
+    request = _request(_input(datatype="BYTES", shape=[1, 1]))
+    request.inputs[0].contents.bytes_contents.append(b"abc")
+    with pytest.raises(InvalidInput, match="datatype 'BYTES' is not supported; expected one of BOOL"):
+        infer_request_arrays(request)
 
 
 def _request(*tensors, raw=None) -> oip_pb2.ModelInferRequest:
@@ -174,16 +225,24 @@ def test_oip_typed_contents_per_datatype(datatype, field, values, expected_dtype
     assert array.reshape(-1).tolist() == list(values)
 
 
-def test_oip_bytes_inputs_raw_and_typed() -> None:
+def _bytes_response(shape, raw=None, typed=()) -> oip_pb2.ModelInferResponse:
+    response = oip_pb2.ModelInferResponse()
+    response.outputs.add(name="flags", datatype="BYTES", shape=list(shape)).contents.bytes_contents.extend(typed)
+    if raw is not None:
+        response.raw_output_contents.append(raw)
+    return response
+
+
+def test_oip_bytes_outputs_raw_and_typed() -> None:
     items = [b"abc", b"", "ünï".encode()]
     raw = b"".join(struct.pack("<I", len(i)) + i for i in items)
-    from_raw = infer_input_to_array(_input(datatype="BYTES", shape=(3,)), raw)
-    from_typed = infer_input_to_array(_input(datatype="BYTES", shape=(3,), bytes_contents=items))
+    from_raw = infer_response_arrays(_bytes_response((3,), raw))["flags"]
+    from_typed = infer_response_arrays(_bytes_response((3,), typed=items))["flags"]
     assert from_raw.tolist() == from_typed.tolist() == items
     with pytest.raises(InvalidInput, match="BYTES element 1 claims 9 bytes but only 3 remain"):
-        infer_input_to_array(_input(datatype="BYTES", shape=(2,)), struct.pack("<I", 1) + b"a" + struct.pack("<I", 9) + b"xyz")
+        infer_response_arrays(_bytes_response((2,), struct.pack("<I", 1) + b"a" + struct.pack("<I", 9) + b"xyz"))
     with pytest.raises(InvalidInput, match="2 bytes left over after 1 BYTES elements"):
-        infer_input_to_array(_input(datatype="BYTES", shape=(1,)), struct.pack("<I", 1) + b"abc")
+        infer_response_arrays(_bytes_response((1,), struct.pack("<I", 1) + b"abc"))
 
 
 @pytest.mark.parametrize(
@@ -216,7 +275,7 @@ def test_oip_fp16_raw_and_batch_limit() -> None:
     array = infer_request_arrays(_request(_input(datatype="FP16"), raw=[x.tobytes()]))["x"]
     np.testing.assert_array_equal(array, x)
     with pytest.raises(InvalidInput, match="batch of 2 inputs exceeds the server's max_batch_size of 1"):
-        infer_request_arrays(_request(_input(datatype="FP16"), raw=[x.tobytes()]), max_batch_size=1)
+        infer_request_arrays(_request(_input(datatype="FP16"), raw=[x.tobytes()]), limits=RequestLimits(max_batch_size=1))
 
 
 @pytest.mark.parametrize("raw", [True, False])
