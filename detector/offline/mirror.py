@@ -87,8 +87,9 @@ class MirrorOutput:
     ----------
     logits : Tensor of shape (n, n_classes), float32
     predicted : ndarray of shape (n,), int64
-    scores, p_values : dict of str to Tensor of shape (n,), float64
-        Raw scores (higher = more suspicious) and their (surrogate) conformal p-values.
+    scores, log_p_values : dict of str to Tensor of shape (n,), float64
+        Raw scores (higher = more suspicious) and the log of their (surrogate) conformal p-values (log
+        space: a far-out input's p-value underflows, its log does not, so its gradient survives).
     statistics : dict of str to Tensor of shape (n,), float64
         Fused statistic of each flag rule computed (all rules whose scores were computed).
     """
@@ -96,8 +97,13 @@ class MirrorOutput:
     logits: torch.Tensor
     predicted: np.ndarray
     scores: dict[str, torch.Tensor]
-    p_values: dict[str, torch.Tensor]
+    log_p_values: dict[str, torch.Tensor]
     statistics: dict[str, torch.Tensor]
+
+    @property
+    def p_values(self) -> dict[str, torch.Tensor]:
+        """The conformal p-values themselves, exp(log p)."""
+        return {n: torch.exp(v) for n, v in self.log_p_values.items()}
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -239,7 +245,7 @@ SCORE_MIRRORS: dict[str, Callable[[Any, _MirrorContext], ScoreMirror]] = {
 
 
 class SmoothConformal:
-    """A conformal calibrator's p-values with a smooth monotone surrogate for the rank.
+    """A conformal calibrator's log p-values with a smooth monotone surrogate for the rank.
 
     Parameters
     ----------
@@ -251,9 +257,11 @@ class SmoothConformal:
     -----
     With R the references of the input's predicted class, r_max their largest and beta the tail scale,
 
-        p~(s) = (1 + sum_{r in R} sigmoid((r - s) / h)) / (|R| + 1) * exp(-max(s - r_max, 0) / beta),
+        log p~(s) = log(1 + sum_{r in R} sigmoid((r - s) / h)) - log(|R| + 1) - max(s - r_max, 0) / beta,
 
-    h = ``bandwidth`` * std(R). p~ is decreasing in s and tends to the serving p-value as h -> 0.
+    h = ``bandwidth`` * std(R). p~ is decreasing in s and tends to the serving p-value as h -> 0. The
+    serving tail stops at exp(-700) (float64); the surrogate's does not, so that an input far beyond every
+    reference still has a gradient back towards them (no masking by saturation).
     """
 
     def __init__(self, calibrator: ConformalCalibrator, settings: MirrorSettings):
@@ -268,35 +276,35 @@ class SmoothConformal:
             self._classes.append((_tensor(ref), h, float(calibrator.tail_max_[k]), beta))
 
     def __call__(self, scores: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
-        """p-values (n,) float64 of ``scores`` (n,) for the inputs' ``classes`` (n,)."""
+        """log p-values (n,) float64 of ``scores`` (n,) for the inputs' ``classes`` (n,)."""
         parts = []
         for k in np.unique(classes):
             rows = torch.from_numpy(np.flatnonzero(classes == k))
             ref, h, r_max, beta = self._classes[int(k)]
             s = scores[rows]
-            p = (1.0 + torch.sigmoid((ref[None, :] - s[:, None]) / h).sum(dim=1)) / (len(ref) + 1.0)
+            log_p = torch.log1p(torch.sigmoid((ref[None, :] - s[:, None]) / h).sum(dim=1)) - np.log(len(ref) + 1.0)
             if np.isfinite(beta):
-                p = p * torch.exp(-torch.clamp(torch.relu(s - r_max) / beta, max=700.0))
-            parts.append((rows, p))
+                log_p = log_p - torch.relu(s - r_max) / beta
+            parts.append((rows, log_p))
         soft = torch.zeros_like(scores).index_put((torch.cat([r for r, _ in parts]),), torch.cat([p for _, p in parts]))
         if not self.settings.straight_through:
             return soft
-        hard = self.calibrator.p_values(scores.detach().numpy(), classes)
+        hard = np.log(self.calibrator.p_values(scores.detach().numpy(), classes))
         return straight_through(hard, soft)
 
 
-def fuse(method: str, p_values: Sequence[torch.Tensor]) -> torch.Tensor:
-    """A flag rule's statistic of p-values, as :class:`detector.conformal.Fusion`: higher = more suspicious.
+def fuse(method: str, log_p_values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """A flag rule's statistic of log p-values, as :class:`detector.conformal.Fusion`: higher = more suspicious.
 
-    ``"fisher"``: -2 sum log p; ``"min"``: -log min p; ``"harmonic"``: mean 1 / p.
+    ``"fisher"``: -2 sum log p; ``"min"``: -log min p = max(-log p); ``"harmonic"``: mean 1 / p = mean exp(-log p).
     """
-    p = torch.stack(list(p_values), dim=1)
+    log_p = torch.stack(list(log_p_values), dim=1)
     if method == "fisher":
-        return -2.0 * torch.log(p).sum(dim=1)
+        return -2.0 * log_p.sum(dim=1)
     if method == "min":
-        return -torch.log(p.min(dim=1).values)
+        return -log_p.min(dim=1).values
     if method == "harmonic":
-        return (1.0 / p).mean(dim=1)
+        return torch.exp(-log_p).mean(dim=1)
     raise InvalidInput(f"the mirror knows the fusions fisher, min and harmonic, not {method!r}")
 
 
@@ -365,9 +373,9 @@ class DetectorMirror:
             if wanted & set(scorer.score_names):
                 raw.update(mirror(run))
         raw = {n: s for n, s in raw.items() if n in wanted}
-        p_values = {n: self._conformal[n](s, run.predicted) for n, s in raw.items()}
-        statistics = {name: fuse(rule.fusion, [p_values[n] for n in rule.scores])
-                      for name, rule in self.rules.items() if set(rule.scores) <= set(p_values)}
-        return MirrorOutput(logits, run.predicted, raw, p_values, statistics)
+        log_p = {n: self._conformal[n](s, run.predicted) for n, s in raw.items()}
+        statistics = {name: fuse(rule.fusion, [log_p[n] for n in rule.scores])
+                      for name, rule in self.rules.items() if set(rule.scores) <= set(log_p)}
+        return MirrorOutput(logits, run.predicted, raw, log_p, statistics)
 
     __call__ = forward

@@ -20,8 +20,13 @@ The count is a step function; its smooth surrogate is
 
     M~(rho) = sum_i sigmoid((log d_i - log c(rho)) / tau),
 
-with the cut edge re-weighed in torch too (its gradient moves the cut). |E_rho| (about k) is kept as
-computed. With ``straight_through=True`` the forward value is the exact count and the backward pass
+with the cut edge re-weighed in torch too (its gradient moves the cut). The density is relative to m, the
+number of non-zero edges, which jumps whenever a unit or pixel leaves zero (a lit background pixel adds
+all its edges): |E_rho| (about rho m) gets the surrogate rho m~ with
+
+    m~ = sum_pairs sum_u deg(u) s(h_u),   s(h) = 1 - exp(-|h| / (0.05 mean_{h_v != 0} |h_v|)),
+
+deg(u) the unit's non-zero out-edges in the pair (a max-pool window counts once, through its maximum). With ``straight_through=True`` the forward value is the exact count and the backward pass
 the surrogate's gradient; otherwise the surrogate is used both ways (for finite-difference checks).
 """
 
@@ -83,6 +88,9 @@ class TopologyMirror:
         self._param = [torch.from_numpy(np.asarray(p.param, np.float32)) for p in graph.pairs]
         self._windows = [None if p.windows is None else torch.from_numpy(p.windows.astype(np.int64)) for p in graph.pairs]
         self._vertex_counts = [float(graph.n_vertices)] + [float(s) for s in features._pair_sizes]
+        self._degree = [None if p.windows is not None else torch.from_numpy(np.bincount(
+            p.src[np.asarray(p.param) != 0], minlength=graph.layer_sizes[p.src_layer]).astype(np.float64))
+            for p in graph.pairs]
 
     def _sources(self, values: dict[str, torch.Tensor], i: int) -> list[torch.Tensor]:
         """Flat source values h of every pair for input ``i`` (views into ``values``)."""
@@ -164,6 +172,22 @@ class TopologyMirror:
             rows.append(torch.cat([quantiles, norm.reshape(1), entropy.reshape(1), fraction.reshape(1)]))
         return torch.stack(rows).reshape(-1)
 
+    def _edge_count(self, h: list[torch.Tensor]) -> torch.Tensor:
+        """m~, the smooth count of non-zero edges (module notes), float64."""
+        total = torch.zeros((), dtype=torch.float64)
+        for p, hp in enumerate(h):
+            if self._windows[p] is not None:
+                padded = torch.cat([hp, hp.new_full((1,), -torch.inf)])
+                hp = padded[self._windows[p]].max(dim=1).values
+            magnitude = torch.abs(hp).to(torch.float64)
+            live = magnitude.detach() > 0
+            if not bool(live.any()):
+                continue
+            scale = 0.05 * magnitude.detach()[live].mean()
+            lit = 1.0 - torch.exp(-magnitude / scale)
+            total = total + (lit.sum() if self._degree[p] is None else (self._degree[p] * lit).sum())
+        return total
+
     def _betti(self, h: list[torch.Tensor], deaths: torch.Tensor) -> torch.Tensor:
         """beta0(rho) / |V| then beta1(rho) / |V| (2 n_densities,), with the count surrogate of the module notes."""
         n = float(self.graph.n_vertices)
@@ -177,13 +201,14 @@ class TopologyMirror:
         d = deaths.to(torch.float64)
         log_d = torch.log(torch.clamp(d, min=1e-30))
         soft = torch.sigmoid((log_d[None, :] - torch.log(cut_t)[:, None]) / self.temperature).sum(dim=1)
+        kept_soft = torch.as_tensor(densities, dtype=torch.float64) * self._edge_count(h)
         if self.straight_through:
             hard = (d.detach().numpy()[None, :] >= cut[:, None]).sum(axis=1).astype(np.float64)
-            merges = straight_through(hard, soft)
+            merges, kept = straight_through(hard, soft), straight_through(n_kept.astype(np.float64), kept_soft)
         else:
-            merges = soft
+            merges, kept = soft, kept_soft
         beta0 = (n - merges) / n
-        beta1 = (torch.as_tensor(n_kept, dtype=torch.float64) - merges) / n
+        beta1 = (kept - merges) / n
         return torch.cat([beta0, beta1])
 
     def transform(self, inputs: torch.Tensor, logits: torch.Tensor, activations: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
