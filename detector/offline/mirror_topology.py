@@ -42,6 +42,19 @@ from detector.graph_features import InducedGraphFeatures
 __all__ = ["TopologyMirror", "straight_through"]
 
 
+def _window_max(h: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
+    """Signed maximum of ``h`` over each max-pool window (rows of indices; index len(h) is padding)."""
+    return torch.cat([h, h.new_full((1,), -torch.inf)])[windows].max(dim=1).values
+
+
+def _scatter(n: int, parts: list[tuple[np.ndarray, torch.Tensor]]) -> torch.Tensor:
+    """A float32 tensor (n,) with ``values`` at ``rows`` for every (rows, values) of ``parts`` (differentiable)."""
+    if not parts:
+        return torch.zeros(n, dtype=torch.float32)
+    index = torch.from_numpy(np.concatenate([rows for rows, _ in parts]))
+    return torch.zeros(n, dtype=torch.float32).index_put((index,), torch.cat([values for _, values in parts]))
+
+
 def straight_through(hard: torch.Tensor | np.ndarray | float, soft: torch.Tensor) -> torch.Tensor:
     """``hard`` in the forward pass, the gradient of ``soft`` in the backward pass: hard + soft - stop(soft)."""
     hard_t = torch.as_tensor(hard, dtype=soft.dtype)
@@ -104,8 +117,7 @@ class TopologyMirror:
                 if self._windows[p] is None:
                     out.append(torch.abs(self._param[p] * hp[self._src[p]]))
                 else:
-                    padded = torch.cat([hp, hp.new_full((1,), -torch.inf)])
-                    out.append(torch.abs(padded[self._windows[p]].max(dim=1).values))
+                    out.append(torch.abs(_window_max(hp, self._windows[p])))
         return torch.cat(out).numpy()
 
     def _edge_weight(self, h: list[torch.Tensor], edge: np.ndarray) -> torch.Tensor:
@@ -119,16 +131,14 @@ class TopologyMirror:
             if self._windows[p] is None:
                 w = torch.abs(self._param[p][local] * h[p][self._src[p][local]])
             else:
-                padded = torch.cat([h[p], h[p].new_full((1,), -torch.inf)])
-                w = torch.abs(padded[self._windows[p][local]].max(dim=1).values)
-            parts.append((torch.from_numpy(rows), w))
-        index = torch.cat([r for r, _ in parts])
-        return torch.zeros(len(edge), dtype=torch.float32).index_put((index,), torch.cat([w for _, w in parts]))
+                w = torch.abs(_window_max(h[p], self._windows[p][local]))
+            parts.append((rows, w))
+        return _scatter(len(edge), parts)
 
     def _forest_weights(self, h: list[torch.Tensor], merge_edges: np.ndarray, merge_pair: np.ndarray) -> torch.Tensor:
         """Differentiable weights (deaths) of the forest edges (u, v) (global vertex ids) of each layer pair."""
         graph = self.graph
-        parts, rows_all = [], []
+        parts = []
         for p in np.unique(merge_pair):
             rows = np.flatnonzero(merge_pair == p)
             pair = graph.pairs[p]
@@ -141,12 +151,8 @@ class TopologyMirror:
                 w = torch.abs(self._param[p][local] * h[p][self._src[p][local]])
             else:
                 w = torch.abs(h[p][torch.from_numpy(u.astype(np.int64))])
-            parts.append(w)
-            rows_all.append(rows)
-        if not parts:
-            return torch.zeros(0, dtype=torch.float32)
-        index = torch.from_numpy(np.concatenate(rows_all))
-        return torch.zeros(len(merge_pair), dtype=torch.float32).index_put((index,), torch.cat(parts))
+            parts.append((rows, w))
+        return _scatter(len(merge_pair), parts)
 
     def _summaries(self, deaths: torch.Tensor, group: np.ndarray) -> torch.Tensor:
         """Rows of :func:`detector.persistence.h0_features_by_group` in torch: whole diagram, then each pair."""
@@ -177,8 +183,7 @@ class TopologyMirror:
         total = torch.zeros((), dtype=torch.float64)
         for p, hp in enumerate(h):
             if self._windows[p] is not None:
-                padded = torch.cat([hp, hp.new_full((1,), -torch.inf)])
-                hp = padded[self._windows[p]].max(dim=1).values
+                hp = _window_max(hp, self._windows[p])
             magnitude = torch.abs(hp).to(torch.float64)
             live = magnitude.detach() > 0
             if not bool(live.any()):

@@ -6,30 +6,17 @@ import numpy as np
 import pytest
 import torch
 
-from detector.pipeline import Detector
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
-def detector(demo_models, cnn_baseline) -> Detector:
-    return Detector.load(demo_models / "digits_cnn.onnx", cnn_baseline[0], intra_op_threads=1)
-
-
-@pytest.fixture(scope="module")
-def mirror(detector):
-    from detector.offline.mirror import DetectorMirror
-
-    return DetectorMirror(detector)
-
-
-@pytest.fixture(scope="module")
-def digits(detector, digits_split_arrays) -> tuple[np.ndarray, np.ndarray]:
+def digits(cnn_detector, digits_split_arrays) -> tuple[np.ndarray, np.ndarray]:
     """12 correctly classified test digits (8-bit rounded) and their labels."""
     from detector.offline.adaptive import round_to_grid
 
     x, y = round_to_grid(digits_split_arrays["x_test"][:40]), digits_split_arrays["y_test"][:40]
-    keep = np.flatnonzero(detector.classify(x).predicted == y)[:12]
+    keep = np.flatnonzero(cnn_detector.classify(x).predicted == y)[:12]
     return x[keep], y[keep]
 
 
@@ -77,12 +64,12 @@ def test_budgets_project_onto_their_ball_and_mask():
     assert np.all(norms <= 0.7 + 1e-5) and np.allclose(norms, 0.7, rtol=1e-4)
 
 
-def test_pgd_candidates_are_8_bit_inside_the_foreground_budget_and_misclassify(detector, mirror, digits):
+def test_pgd_candidates_are_8_bit_inside_the_foreground_budget_and_misclassify(cnn_detector, cnn_mirror, digits):
     from detector.offline.adaptive import Budget, pgd_attack
 
     x, y = digits
-    judge = _recording_judge(detector, y)
-    outcome = pgd_attack(mirror, judge, x, Budget("linf", 0.3, foreground=True), steps=10)
+    judge = _recording_judge(cnn_detector, y)
+    outcome = pgd_attack(cnn_mirror, judge, x, Budget("linf", 0.3, foreground=True), steps=10)
     assert judge.queries == 10 * len(x)
     for candidate in judge.seen:
         assert np.allclose(candidate * 255, np.round(candidate * 255), atol=1e-4)
@@ -93,36 +80,36 @@ def test_pgd_candidates_are_8_bit_inside_the_foreground_budget_and_misclassify(d
     assert np.all(outcome.misclassified >= outcome.evaded[0.01])
 
 
-def test_the_detector_term_lowers_the_statistic_of_misclassified_candidates(detector, mirror, digits):
+def test_the_detector_term_lowers_the_statistic_of_misclassified_candidates(cnn_detector, cnn_mirror, digits):
     from detector.offline.adaptive import Budget, pgd_attack
 
     x, y = digits
     budget = Budget("linf", 0.3, foreground=True)
-    plain, aware = _recording_judge(detector, y), _recording_judge(detector, y)
-    pgd_attack(mirror, plain, x, budget, steps=10)
-    pgd_attack(mirror, aware, x, budget, lam=3.0, steps=10)
+    plain, aware = _recording_judge(cnn_detector, y), _recording_judge(cnn_detector, y)
+    pgd_attack(cnn_mirror, plain, x, budget, steps=10)
+    pgd_attack(cnn_mirror, aware, x, budget, lam=3.0, steps=10)
     both = np.isfinite(plain.lowest) & np.isfinite(aware.lowest)
     assert both.sum() >= 4
     assert np.median(aware.lowest[both]) < np.median(plain.lowest[both])
 
 
-def test_orthogonal_pgd_and_square_use_their_budgets(detector, mirror, digits):
+def test_orthogonal_pgd_and_square_use_their_budgets(cnn_detector, cnn_mirror, digits):
     from detector.offline.adaptive import Budget, Judge, pgd_attack, square_attack
 
     x, y = digits
-    judge = pgd_attack(mirror, Judge(detector, y), x, Budget("l2", 1.5), steps=5, orthogonal=True)
+    judge = pgd_attack(cnn_mirror, Judge(cnn_detector, y), x, Budget("l2", 1.5), steps=5, orthogonal=True)
     assert judge.misclassified.any()
-    recording = _recording_judge(detector, y)
+    recording = _recording_judge(cnn_detector, y)
     square_attack(recording, x, Budget("linf", 0.3, foreground=True), lam=1.0, queries=30)
     assert recording.queries == 30 * len(x)
     for candidate in recording.seen:
         assert np.all(candidate[x == 0] == 0) and np.abs(candidate - x).max() <= 0.3 + 0.5 / 255 + 1e-6
 
 
-def test_cw_l2_finds_close_misclassified_8_bit_images(detector, mirror, digits):
+def test_cw_l2_finds_close_misclassified_8_bit_images(cnn_detector, cnn_mirror, digits):
     from detector.offline.adaptive import cw_l2_attack
 
     x, y = digits
-    distance = cw_l2_attack(mirror, detector, x, y, steps=60)
+    distance = cw_l2_attack(cnn_mirror, cnn_detector, x, y, steps=60)
     assert np.isfinite(distance).mean() >= 0.5
     assert np.all(distance[np.isfinite(distance)] > 0)
