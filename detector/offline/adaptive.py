@@ -116,23 +116,22 @@ class Judge:
                                {(s, f): np.zeros(n, bool) for s in detector.score_names for f in self.fprs})
         self.queries = 0
 
-    def __call__(self, x: np.ndarray, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Judge candidates ``x`` (8-bit already) of the inputs ``rows`` (default all).
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Judge one candidate per input, ``x`` (n, ...) (8-bit already).
 
-        Returns what the Open Inference Protocol would: probabilities (m, n_classes), the fused statistic (m,),
-        and whether each candidate is misclassified (m,).
+        Returns what the Open Inference Protocol would: probabilities (n, n_classes), the fused statistic (n,),
+        and whether each candidate is misclassified (n,).
         """
-        rows = np.arange(len(self.y)) if rows is None else np.asarray(rows)
         detections = self.detector.detect(x).detections
         self.queries += len(x)
         probabilities = np.stack([d.probabilities for d in detections])
         statistic = np.array([d.statistics[self.rule] for d in detections])
-        wrong = np.array([d.predicted_class for d in detections]) != self.y[rows]
-        self.outcome.misclassified[rows] |= wrong
+        wrong = np.array([d.predicted_class for d in detections]) != self.y
+        self.outcome.misclassified |= wrong
         for f, t in self.thresholds.items():
-            self.outcome.evaded[f][rows] |= wrong & (statistic <= t)
+            self.outcome.evaded[f] |= wrong & (statistic <= t)
             for s in self.detector.score_names:
-                self.outcome.evaded_scorer[(s, f)][rows] |= wrong & (np.array([d.p_values[s] for d in detections]) >= f)
+                self.outcome.evaded_scorer[(s, f)] |= wrong & (np.array([d.p_values[s] for d in detections]) >= f)
         return probabilities, statistic, wrong
 
 

@@ -30,11 +30,10 @@ def _recording_judge(detector, y):
             self.seen: list[np.ndarray] = []
             self.lowest = np.full(len(self.y), np.inf)
 
-        def __call__(self, x, rows=None):
+        def __call__(self, x):
             self.seen.append(x.copy())
-            probabilities, statistic, wrong = super().__call__(x, rows)
-            index = np.arange(len(self.y)) if rows is None else rows
-            self.lowest[index] = np.where(wrong, np.minimum(self.lowest[index], statistic), self.lowest[index])
+            probabilities, statistic, wrong = super().__call__(x)
+            self.lowest = np.where(wrong, np.minimum(self.lowest, statistic), self.lowest)
             return probabilities, statistic, wrong
 
     return Recording(detector, y)
