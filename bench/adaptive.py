@@ -254,24 +254,29 @@ def _report(data: dict, stem: str, rows: list[Row], curves: dict, checks: dict) 
                 f"{r.evaded_scorer[f'{s}@0.05']:.2f} ({r.evaded_scorer[f'{s}@0.01']:.2f})" for s in scorers) + " |")
     lines += ["", "Per-scorer figures come from the candidates of the attack on the fused flag, not from an attack on "
               "that scorer alone: they say which scorer the fused-flag attacker left behind.", ""]
-    lines += _target(curves, rows)
+    lines += _target(curves, rows, checks)
     lines += ["", f"![robust detection accuracy]({stem}.png)", ""]
     return lines
 
 
-def _target(curves: dict, rows: list[Row]) -> list[str]:
+def _target(curves: dict, rows: list[Row], checks: dict) -> list[str]:
     """The issue's goal: >= 50 % of successful examples still flagged at 5 % FPR at eps 0.3 foreground, or else
-    evading half of the inputs needs >= 2x the median L2 of plain CW-L2."""
+    evading half of the inputs needs >= 2x the median L2 of plain CW-L2 (a "met" is only a lower bound when the
+    sanity checks fail)."""
     at_target = next(adaptive for eps, _, adaptive in curves["linf_foreground"] if abs(eps - TARGET_EPS) < 1e-9)
     flagged = _flagged_share(at_target, 0.05)
     half = [m for m, _, adaptive in curves["l2"] if adaptive.evaded[0.05] >= 0.5]
+    half_1 = [m for m, _, adaptive in curves["l2"] if adaptive.evaded[0.01] >= 0.5]
+    broken = not (checks["adaptive_at_least_plain"] and checks["unbounded_full_evasion"])
     lines = ["## Target (issue 18)", "",
              f"- Strongest adaptive attack, L-inf eps {TARGET_EPS} on the digit: {flagged:.2f} of the misclassified inputs "
              f"still flagged at 5 % FPR (goal >= {TARGET_FLAGGED}): **{'met' if flagged >= TARGET_FLAGGED else 'not met'}**"
              f"{' (nothing was misclassified: not measured)' if np.isnan(flagged) else ''}.",
              f"- L2: the adaptive attack first evades on half of the inputs at "
              f"{f'{half[0]:g} x' if half else f'more than {L2_MULTIPLES[-1]:g} x'} the median CW L2 (goal >= "
-             f"{TARGET_L2_MULTIPLE:g} x): **{'met' if not half or half[0] >= TARGET_L2_MULTIPLE else 'not met'}**."]
+             f"{TARGET_L2_MULTIPLE:g} x) at 5 % FPR: **{'met' if not half or half[0] >= TARGET_L2_MULTIPLE else 'not met'}**"
+             f"{' (only as far as the attack is strong: the sanity checks fail)' if broken else ''}; at 1 % FPR at "
+             f"{f'{half_1[0]:g} x' if half_1 else f'more than {L2_MULTIPLES[-1]:g} x'}."]
     strongest = [r for r in rows if r.attack.endswith("adaptive (best)")]
     names = sorted({k.split("@")[0] for r in strongest for k in r.evaded_scorer})
     resist = {s: float(np.mean([r.evaded_scorer[f"{s}@0.05"] for r in strongest])) for s in names}
