@@ -161,8 +161,9 @@ def _max_softmax(scorer: Any, context: _MirrorContext) -> ScoreMirror:
 
     def run(p: MirrorPass) -> dict[str, torch.Tensor]:
         z = p.logits.to(torch.float64)
-        e = torch.exp(z - z.max(dim=1, keepdim=True).values)
-        r = e.sum(dim=1) - 1.0
+        top = torch.from_numpy(p.predicted)[:, None]
+        e = torch.exp(z - z.gather(1, top)).scatter(1, top, 0.0)  # the arg-max term dropped, not subtracted
+        r = e.sum(dim=1)
         return {"max_softmax": r / (1.0 + r)}
 
     return run
