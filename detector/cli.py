@@ -128,8 +128,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from detector.data import load_dataset
-    from detector.errors import ModelError
-    from detector.offline.evaluate import ATTACK_NAMES, evaluate, load_torchscript, results_markdown, write_results
+    from detector.offline.attacks import load_torch_classifier
+    from detector.offline.evaluate import ATTACK_NAMES, evaluate, results_markdown, write_results
     from detector.pipeline import Detector
 
     attacks = ATTACK_NAMES if args.attacks == ["all"] else args.attacks
@@ -140,11 +140,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)  # the attacks' small batches run 10-20x slower with 2 threads on a 2-core machine
-    try:
-        torch_model = load_torchscript(args.torchscript)
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise ModelError(f"cannot load TorchScript model {args.torchscript}: {str(exc).splitlines()[0]}") from None
-    result = evaluate(detector, torch_model, data, attacks, model_name=Path(args.model).stem, progress=not args.quiet)
+    levels = None if args.pixel_levels == 0 else args.pixel_levels
+    result = evaluate(detector, load_torch_classifier(args.model), data, attacks, model_name=Path(args.model).stem,
+                      progress=not args.quiet, pixel_levels=levels, max_attacked=args.max_attacked or None)
     write_results(result, Path(args.out))
     print(results_markdown(result.table))
     print(f"results written to {args.out}/results.json, results.md and roc_*.png")
@@ -217,12 +215,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="attack suite and side-by-side detector comparison")
     p.add_argument("--model", required=True, help="the .onnx classifier the baseline was calibrated for")
-    p.add_argument("--torchscript", required=True, help="TorchScript copy of the same classifier (for gradients)")
     p.add_argument("--baseline", required=True)
     p.add_argument("--data", required=True, help="clean evaluation data (not the calibration data)")
     p.add_argument("--attacks", type=_names, default=["all"], help="comma-separated attacks or 'all' (default)")
     p.add_argument("--out", required=True, help="output folder for results.json, results.md, roc_*.png")
     p.add_argument("--limit", type=int, default=0, help="evaluate on the first N inputs only")
+    p.add_argument("--pixel-levels", type=int, default=255,
+                   help="round clean and adversarial pixels to k/LEVELS (default 255: 8-bit); 0: no rounding")
+    p.add_argument("--max-attacked", type=int, default=0, help="attack only the first N correct inputs (0: all)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 

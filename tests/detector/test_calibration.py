@@ -189,19 +189,20 @@ def test_cli_calibrate_rejects_bad_settings(demo_models, tmp_path, capsys):
 
 def test_cli_evaluate_writes_the_results_table(demo_models, cnn_baseline, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert main(["evaluate", "--model", str(demo_models / "digits_cnn.onnx"), "--torchscript",
-                 str(demo_models / "digits_cnn.pt"), "--baseline", str(cnn_baseline[0]), "--data", "digits:test",
+    assert main(["evaluate", "--model", str(demo_models / "digits_cnn.onnx"),
+                 "--baseline", str(cnn_baseline[0]), "--data", "digits:test",
                  "--attacks", "fgsm,misclassified", "--limit", "120", "--out", str(out), "--quiet"]) == 0
     table = json.loads((out / "results.json").read_text())
     assert table["model"] == "digits_cnn" and set(table["attacks"]) == {"fgsm", "misclassified"}
     fgsm = table["attacks"]["fgsm"]
     assert fgsm["n"] == round(fgsm["success_rate"] * table["n_clean"]) and fgsm["n"] > 100
     assert {"fused", "induced_persistence", "betti_density", "introspection_reconstruction", "introspection_error",
-            "max_softmax", "mahalanobis", "knn", "nonzero_pixels"} <= set(fgsm["detectors"])
+            "max_softmax", "mahalanobis", "knn", "nonzero_pixels", "offgrid_pixels"} <= set(fgsm["detectors"])
+    assert table["pixel_levels"] == 255 and fgsm["detectors"]["offgrid_pixels"]["auroc"] == 0.5  # all on the grid
     assert fgsm["detectors"]["fused"]["auroc"] > 0.9  # FGSM changes the background: easy to see
     assert set(fgsm["detectors"]["fused"]) == {"auroc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.05"}
     assert (out / "roc_fgsm.png").is_file() and "## fgsm" in (out / "results.md").read_text()
-    assert main(["evaluate", "--model", str(demo_models / "digits_cnn.onnx"), "--torchscript",
-                 str(demo_models / "digits_cnn.pt"), "--baseline", str(cnn_baseline[0]), "--data", "digits:test",
+    assert main(["evaluate", "--model", str(demo_models / "digits_cnn.onnx"),
+                 "--baseline", str(cnn_baseline[0]), "--data", "digits:test",
                  "--attacks", "nope", "--out", str(out), "--quiet"]) == 2
     assert "unknown attack(s) ['nope']" in capsys.readouterr().err
