@@ -8,6 +8,7 @@ those of the Adversarial Robustness Toolbox (ART 1.20, MIT), run through its ``P
 name (:data:`ATTACKS`)    what (ART class)
 ========================  ======================================================================
 ``fgsm``                  one L-inf step, eps 0.3 (``FastGradientMethod``; Goodfellow et al. 2015)
+``fgsm_foreground``       the same step on the pixels lit in the clean input only (``mask``)
 ``pgd``                   L-inf PGD, eps 0.3, random start (``ProjectedGradientDescent``; Madry et al.)
 ``pgd_foreground``        the same PGD with ``mask`` = the pixels lit in the clean input
 ``deepfool``              multi-class DeepFool, L2 (``DeepFool``; Moosavi-Dezfooli et al. 2016)
@@ -37,7 +38,7 @@ import sys
 import types
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -56,7 +57,7 @@ __all__ = [
 
 #: Default parameters per attack name, for [0, 1] images.
 #:
-#: - ``fgsm``/``pgd``/``pgd_foreground``/``square``: eps = 0.3, the standard MNIST L-inf budget (Madry et al.
+#: - ``fgsm``/``fgsm_foreground``/``pgd``/``pgd_foreground``/``square``: eps = 0.3, the standard MNIST L-inf budget (Madry et al.
 #:   2018). PGD: 40 steps of 2.5 * eps / 40 from one random start; the foreground variant only moves pixels
 #:   above ``threshold`` in the clean image (the background stays exactly as it was).
 #: - ``deepfool``: the paper's overshoot 0.02, 50 iterations, gradients of all 10 classes.
@@ -66,6 +67,7 @@ __all__ = [
 #: - ``noise``: sigma = 0.1, a visible but label-preserving corruption for most digits.
 ATTACK_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "fgsm": MappingProxyType({"eps": 0.3}),
+    "fgsm_foreground": MappingProxyType({"eps": 0.3, "threshold": 0.0}),
     "pgd": MappingProxyType({"eps": 0.3, "n_steps": 40, "seed": 0}),
     "pgd_foreground": MappingProxyType({"eps": 0.3, "n_steps": 40, "seed": 0, "threshold": 0.0}),
     "deepfool": MappingProxyType({"overshoot": 0.02, "max_iter": 50}),
@@ -139,19 +141,22 @@ def offgrid_pixels(x: np.ndarray, pixel_levels: int = 255) -> np.ndarray:
     return (np.abs(scaled - np.rint(scaled)) > 1e-3).sum(axis=1).astype(np.float64)
 
 
-def _stub_torchvision() -> None:
-    """Let ``onnx2torch`` import without a working torchvision.
+def _import_onnx2torch() -> Callable[..., torch.nn.Module]:
+    """``onnx2torch.convert``, imported without a working torchvision if need be.
 
     onnx2torch imports torchvision at import time for two detection ops (NonMaxSuppression, RoiAlign) that
     no classifier uses. PyPI has no CPU torchvision build for the pinned torch, and its CUDA build fails to
-    import against the CPU torch; so when torchvision does not import, a stub stands in whose two functions
-    raise if a model ever needs them.
+    import against the CPU torch; so when torchvision does not import, a stub stands in (for onnx2torch's
+    import only: it is removed from ``sys.modules`` afterwards) whose functions raise if a model needs them.
     """
     try:
         import torchvision  # noqa: F401
-        return
     except Exception:  # noqa: BLE001 - a missing or broken (CUDA build on CPU torch) install alike
         pass
+    else:
+        from onnx2torch import convert
+
+        return convert
 
     def unavailable(*_: Any, **__: Any) -> None:
         raise ModelError("this ONNX model uses NonMaxSuppression or RoiAlign, which need a working torchvision")
@@ -160,6 +165,12 @@ def _stub_torchvision() -> None:
     ops.nms = ops.roi_align = ops.box_convert = unavailable
     stub.ops = ops
     sys.modules.update({"torchvision": stub, "torchvision.ops": ops})
+    try:
+        from onnx2torch import convert
+    finally:
+        for name in ("torchvision", "torchvision.ops"):
+            sys.modules.pop(name, None)
+    return convert
 
 
 def load_torch_classifier(onnx_path: str | os.PathLike[str]) -> torch.nn.Module:
@@ -168,9 +179,9 @@ def load_torch_classifier(onnx_path: str | os.PathLike[str]) -> torch.nn.Module:
     The module maps (n_samples, ...) float32 inputs to the model's first output, the logits.
     Raises :class:`~detector.errors.ModelError` when the file cannot be read or converted.
     """
-    _stub_torchvision()
     import onnx
-    from onnx2torch import convert
+
+    convert = _import_onnx2torch()
 
     try:
         graph = onnx.load(str(onnx_path))
@@ -232,8 +243,9 @@ def _art_attack(name: str, model: torch.nn.Module, x: np.ndarray, y: np.ndarray,
     classifier = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=x.shape[1:],
                                    nb_classes=n_classes, clip_values=(0.0, 1.0), device_type="cpu")
     p = dict(params)
-    if name == "fgsm":
-        return FastGradientMethod(classifier, eps=p["eps"], batch_size=batch_size).generate(x, y)
+    if name in ("fgsm", "fgsm_foreground"):
+        mask = (x > p["threshold"]).astype(np.float32) if name == "fgsm_foreground" else None
+        return FastGradientMethod(classifier, eps=p["eps"], batch_size=batch_size).generate(x, y, mask=mask)
     if name in ("pgd", "pgd_foreground"):
         attack = ProjectedGradientDescent(classifier, eps=p["eps"], eps_step=2.5 * p["eps"] / p["n_steps"],
                                           max_iter=p["n_steps"], num_random_init=1, batch_size=batch_size,

@@ -58,24 +58,29 @@ class EvaluationResult:
 
     table: dict
     scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+    #: per attack, the conformal p-value of every score: (clean negatives, positives), each {score: (n,)}
+    p_values: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
 
 
 def _detector_scores(detector: Detector, x: np.ndarray, batch_size: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every raw score and each flag's fused statistic (``fused_<flag>``), and the predicted classes."""
+    """Every raw score, its p-value (``p_value:<score>``) and each flag's fused statistic (``fused_<flag>``), and the
+    predicted classes."""
     parts: list[dict[str, np.ndarray]] = []
     predicted = []
     for start in range(0, len(x), batch_size):
         capture = detector.classify(x[start : start + batch_size])
         raw = detector.raw_scores(capture)
-        stats = detector.statistics(detector.p_values(raw, capture.predicted))
-        parts.append(raw | {"offgrid_pixels": offgrid_pixels(capture.inputs)} | {f"fused_{k}": v for k, v in stats.items()})
+        p_values = detector.p_values(raw, capture.predicted)
+        stats = detector.statistics(p_values)
+        parts.append(raw | {"offgrid_pixels": offgrid_pixels(capture.inputs)} | {f"fused_{k}": v for k, v in stats.items()}
+                     | {f"p_value:{k}": v for k, v in p_values.items()})
         predicted.append(capture.predicted)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, np.concatenate(predicted)
 
 
 def _row(clean: dict[str, np.ndarray], positive: dict[str, np.ndarray], fused_key: str) -> dict[str, dict[str, float]]:
     out = {}
-    names = [k for k in clean if not k.startswith("fused_")]
+    names = [k for k in clean if not k.startswith(("fused_", "p_value:"))]
     for name in ["fused", *names]:
         key = fused_key if name == "fused" else name
         neg, pos = clean[key], positive[key]
@@ -106,6 +111,7 @@ def evaluate(detector: Detector, torch_model: torch.nn.Module, data: Dataset, at
     clean = {k: v[correct] for k, v in all_scores.items()}
     table: dict = {"model": model_name, "n_clean": int(correct.sum()), "pixel_levels": pixel_levels, "attacks": {}}
     kept: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    p_values = {}
     x_ok, y_ok = x[correct][:max_attacked], data.y[correct][:max_attacked]
     for name in tqdm(attacks, desc="evaluate", disable=not progress):
         if name == "misclassified":
@@ -122,7 +128,9 @@ def evaluate(detector: Detector, torch_model: torch.nn.Module, data: Dataset, at
         table["attacks"][name] = {**rates, "n": n, "detectors": _row(clean, positive, fused_key)}
         kept[name] = {d: (clean[d if d != "fused" else fused_key], positive[d if d != "fused" else fused_key])
                       for d in table["attacks"][name]["detectors"]}
-    return EvaluationResult(table, kept)
+        p_values[name] = tuple({k.removeprefix("p_value:"): v for k, v in part.items() if k.startswith("p_value:")}
+                               for part in (clean, positive))
+    return EvaluationResult(table, kept, p_values)
 
 
 def write_results(result: EvaluationResult, out: Path) -> None:

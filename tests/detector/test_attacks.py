@@ -21,8 +21,8 @@ N_INPUTS = 60
 FAST = {"cw_k0": {"steps": 20, "binary_search_steps": 3}, "cw_k10": {"steps": 20, "binary_search_steps": 3},
         "square": {"max_iter": 100}}
 #: Success-rate floors on the digits CNN after rounding (measured with these settings: fgsm, pgd,
-#: pgd_foreground, deepfool 1.0, cw_k0 0.983, cw_k10 0.817, square 0.983).
-FLOORS = {"fgsm": 0.9, "pgd": 0.95, "pgd_foreground": 0.9, "deepfool": 0.9, "cw_k0": 0.9, "cw_k10": 0.7, "square": 0.9}
+#: pgd_foreground, deepfool 1.0, cw_k0 0.983, cw_k10 0.817, square 0.983; fgsm_foreground on 360 test digits 0.95).
+FLOORS = {"fgsm": 0.9, "fgsm_foreground": 0.5, "pgd": 0.95, "pgd_foreground": 0.9, "deepfool": 0.9, "cw_k0": 0.9, "cw_k10": 0.7, "square": 0.9}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -86,7 +86,7 @@ def test_attacks_give_valid_8bit_images_and_honest_success(name, results, onnx_c
     np.testing.assert_allclose(r.linf, np.abs(delta).max(axis=1), atol=1e-6)
     if "eps" in ATTACK_DEFAULTS[name]:
         assert r.linf.max() <= ATTACK_DEFAULTS[name]["eps"] + 0.5 / 255 + 1e-6
-    if name == "pgd_foreground":
+    if name.endswith("_foreground"):
         background = (x == 0).reshape(len(x), -1)
         assert not delta[background].any()
     if name == "noise":
