@@ -80,7 +80,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     try:
         config = CalibrationConfig(layers=args.layers, fprs=args.fpr, seed=args.seed, top_q=args.top_q,
-                                   latent_dim=args.latent_dim, progress=not args.quiet)
+                                   latent_dim=args.latent_dim, progress=not args.quiet,
+                                   tuning_attacks=() if args.tuning_attacks == ["none"] else tuple(args.tuning_attacks))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise AdvDetectError(f"invalid calibration settings: {problems}") from None
@@ -91,7 +92,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
           f"references {manifest.data.n_reference}, thresholds {manifest.data.n_threshold})")
     for rule in manifest.flags:
         rates = ", ".join(f"target {t.target_fpr:g}: held-out {t.heldout_fpr:.3f}" for t in rule.thresholds)
-        print(f"  flag {rule.name}: fisher over {', '.join(rule.scores)}; FPR {rates}")
+        weighted = "weighted " if rule.weights else ""
+        print(f"  flag {rule.name}: {weighted}{rule.fusion} over {', '.join(rule.scores)}; FPR {rates}")
     return 0
 
 
@@ -201,6 +203,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-q", type=float, default=1.0, help="induced-graph edges kept per layer pair (default 1 = exact)")
     p.add_argument("--latent-dim", type=int, default=8, help="introspection VAE latent size (default 8)")
+    p.add_argument("--tuning-attacks", type=_names, default=["fgsm", "fgsm_foreground"],
+                   help="attacks made on the threshold split to choose the adversarial fusion (default "
+                        "fgsm,fgsm_foreground; 'none': Fisher over the default members, no attack data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_calibrate)
 

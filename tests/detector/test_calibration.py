@@ -12,7 +12,7 @@ import pytest
 
 from detector import BaselineError, load_dataset
 from detector.baseline import read_baseline
-from detector.calibration import CalibrationConfig, calibrate
+from detector.calibration import ADVERSARIAL_SCORES, CalibrationConfig, calibrate
 from detector.cli import main
 from detector.pipeline import Detector
 
@@ -207,3 +207,12 @@ def test_cli_evaluate_writes_the_results_table(demo_models, cnn_baseline, tmp_pa
                  "--baseline", str(cnn_baseline[0]), "--data", "digits:test",
                  "--attacks", "nope", "--out", str(out), "--quiet"]) == 2
     assert "unknown attack(s) ['nope']" in capsys.readouterr().err
+
+
+def test_cli_calibrate_without_tuning_attacks_keeps_the_default_fusion(demo_models, tmp_path, capsys):
+    assert main(["calibrate", "--model", str(demo_models / "digits_cnn.onnx"), "--data", "digits:calib",
+                 "--out", str(tmp_path / "b"), "--tuning-attacks", "none", "--quiet"]) == 0
+    rule = next(r for r in read_baseline(tmp_path / "b")[0].flags if r.name == "adversarial")
+    assert rule.scores == list(ADVERSARIAL_SCORES) and rule.fusion == "fisher" and rule.weights is None
+    assert rule.selection == "default members (no tuning attacks)"
+    assert "flag adversarial: fisher over induced_persistence" in capsys.readouterr().out
