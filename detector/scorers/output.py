@@ -9,53 +9,31 @@ from scipy.special import logsumexp
 
 from detector.capture import Capture, softmax
 from detector.errors import InvalidInput
-from detector.scorers.base import Scorer, ScorerContext
-from detector.scorers.peers import _check_labels
+from detector.scorers.peers import LogitScorer
 from detector.squeeze import SQUEEZERS
 
 __all__ = ["EnergyScorer", "FeatureSqueezingScorer"]
 
 
-class EnergyScorer(Scorer):
+class EnergyScorer(LogitScorer):
     """The energy score (Liu et al., NeurIPS 2020): free energy of the logits, as a suspicion score.
 
     Notes
     -----
     With logits z and temperature T = 1, ``s(x) = E(x) = -log sum_j exp(z_j)`` (in logit units). Clean,
-    confidently classified inputs have large logits and low energy. Nothing is learnt: :meth:`fit` only
-    records the number of classes. Higher = more suspicious.
+    confidently classified inputs have large logits and low energy. Nothing is learnt. Higher = more
+    suspicious.
     """
 
     kind = "energy"
     score_names = ("energy",)
 
-    def fit(self, capture: Capture, labels: np.ndarray) -> "EnergyScorer":
-        """Record the number of classes; ``labels`` are checked for length only. Returns self."""
-        _check_labels(capture, labels)
-        self.n_classes_ = int(capture.logits.shape[1])
-        return self
-
     def scores(self, capture: Capture) -> dict[str, np.ndarray]:
         """Energy ``-logsumexp(z)`` per input, ndarray (n_samples,); higher = more suspicious."""
-        self._check_fitted("n_classes_")
-        z = np.asarray(capture.logits, dtype=np.float64)
-        if z.ndim != 2 or z.shape[1] != self.n_classes_:
-            raise InvalidInput(f"expected logits of shape (n_samples, {self.n_classes_}), got {z.shape}")
-        return {self.kind: -logsumexp(z, axis=1)}
-
-    def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        self._check_fitted("n_classes_")
-        return {}, {"n_classes": np.asarray(self.n_classes_, dtype=np.int64)}
-
-    @classmethod
-    def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray],
-                   context: ScorerContext | None = None) -> "EnergyScorer":
-        scorer = cls()
-        scorer.n_classes_ = int(arrays["n_classes"])
-        return scorer
+        return {self.kind: -logsumexp(self._logits(capture), axis=1)}
 
 
-class FeatureSqueezingScorer(Scorer):
+class FeatureSqueezingScorer(LogitScorer):
     """Feature squeezing (Xu, Evans & Qi, NDSS 2018): how far squeezing the input moves the prediction.
 
     Parameters
@@ -86,17 +64,17 @@ class FeatureSqueezingScorer(Scorer):
         return list(self.squeezers)
 
     def fit(self, capture: Capture, labels: np.ndarray) -> "FeatureSqueezingScorer":
-        """Check the squeezers and that the capture carries their logits. Returns self."""
-        _check_labels(capture, labels)
+        """Check the squeezers and that the capture carries their logits; record the class count. Returns self."""
         unknown = [s for s in self.squeezers if s not in SQUEEZERS]
         if unknown or not self.squeezers:
             raise InvalidInput(f"squeezers must be a non-empty subset of {', '.join(SQUEEZERS)}, got {list(self.squeezers)}")
+        super().fit(capture, labels)
         self.scores(capture)  # refuses a capture without the squeezed logits
-        self.n_classes_ = int(capture.logits.shape[1])
         return self
 
     def scores(self, capture: Capture) -> dict[str, np.ndarray]:
         """Largest L1 distance between the softmax of the input and of a squeezed copy, ndarray (n_samples,) in [0, 2]."""
+        self._logits(capture)  # fitted, and logits of the fitted shape
         missing = [s for s in self.squeezers if s not in capture.squeezed_logits]
         if missing:
             raise InvalidInput(f"the capture has no logits of the squeezed copies {missing}: run the model through "
@@ -105,13 +83,5 @@ class FeatureSqueezingScorer(Scorer):
         distances = [np.abs(p - softmax(capture.squeezed_logits[s])).sum(axis=1) for s in self.squeezers]
         return {self.kind: np.max(distances, axis=0)}
 
-    def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        self._check_fitted("n_classes_")
-        return {"squeezers": list(self.squeezers)}, {"n_classes": np.asarray(self.n_classes_, dtype=np.int64)}
-
-    @classmethod
-    def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray],
-                   context: ScorerContext | None = None) -> "FeatureSqueezingScorer":
-        scorer = cls(**params)
-        scorer.n_classes_ = int(arrays["n_classes"])
-        return scorer
+    def _params(self) -> dict[str, Any]:
+        return {"squeezers": list(self.squeezers)}
