@@ -74,7 +74,7 @@ def run(model: str) -> None:
              f"{rule.selection}. `weighted_fisher_lr` weights (fitted on this run's {', '.join(tuning)} rows): "
              + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights) if w > 0) + ".", "",
              "Rows " + ", ".join(f"`{a}`" for a in tuning) + " are the tuning attack types (in-sample for `chosen` "
-             "and `weighted_fisher_lr`); `best single score` is chosen on each row itself, an oracle for reference.", "",
+             "and `weighted_fisher_lr`); `best single p-value` (one score's conformal p-value) is chosen on each row itself, an oracle for reference.", "",
              "| variant | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
     for variant, (members, fusion) in variants.items():
         cells = []
@@ -90,7 +90,7 @@ def run(model: str) -> None:
                   for n in names}
         top = max(aurocs, key=aurocs.__getitem__)
         best.append(f"{top} {aurocs[top]:.3f}")
-    lines.append("| best single score (oracle) | " + " | ".join(best) + " |")
+    lines.append("| best single p-value (oracle) | " + " | ".join(best) + " |")
     write_result(f"fusion-ablation-{model}.md", lines)
 
 
