@@ -22,7 +22,9 @@ manifest's ``selection`` records the choice and why):
   (at least :data:`MIN_ERRORS` of them; otherwise max-softmax alone). Max-softmax alone is a candidate, so
   the chosen statistic is never below it on that held-out data.
 
-Thresholds are then calibrated on all clean threshold inputs for every target FPR.
+Thresholds are then calibrated on all clean threshold inputs for every target FPR. The choice saw those
+clean inputs too (as negatives), so the threshold is a conformal quantile only up to the choice among a few
+hundred candidates: the held-out FPRs in the manifest and the evaluation's clean rates show how close.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ from detector.activation_map import plot_activation_map
 from detector.baseline import write_baseline
 from detector.capture import Capture
 from detector.conformal import ConformalCalibrator, Fusion, split_held_out
-from detector.fusion_choice import FusionChoice, choose_fusion
 from detector.data import Dataset
 from detector.errors import DataError
+from detector.fusion_choice import FusionChoice, choose_fusion
 from detector.graph_features import InducedGraphFeatures
 from detector.induced_graph import InducedGraph
 from detector.introspection import IntrospectionScorer

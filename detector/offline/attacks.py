@@ -22,7 +22,8 @@ Valid images. Images reach a service as 8-bit pixels, so every adversarial examp
 pixel grid ``k / pixel_levels`` (255 by default: 8-bit; ``None`` leaves float inputs as they are) and its
 success is recomputed on the rounded image: only examples still misclassified after rounding count. An
 attack that leaves sub-1/255 noise on a blank background loses that noise here instead of being caught by
-it. :func:`offgrid_pixels` is the matching sanity statistic.
+it. Rounding moves a pixel by at most half a grey level, so an L-inf budget eps holds to within
+eps + 1/510. :func:`offgrid_pixels` is the matching sanity statistic.
 
 Determinism: numpy's and torch's global generators are seeded with ``seed`` before each attack (ART draws
 its random starts and Square's patches from them) and restored afterwards. torch is imported at module
