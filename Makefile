@@ -44,6 +44,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/topology.py
 	$(PY) bench/quality.py
+	$(PY) bench/fusion_ablation.py
 	$(PY) bench/load.py
 	$(PY) bench/hostile.py
 

@@ -1,4 +1,4 @@
-"""Benchmark: detection quality of the calibrated detector against its peers (issue 5, item 6).
+"""Benchmark: detection quality of the calibrated detector against its peers (issues 5 and 17).
 
 Runs the offline protocol an ML engineer runs (``advdetect calibrate`` then ``advdetect evaluate``) on:
 
@@ -7,16 +7,20 @@ Runs the offline protocol an ML engineer runs (``advdetect calibrate`` then ``ad
 - ``lenet5``: LeNet-5 trained on the first 6,000 images of ``data/mnist`` (the same files and split
   as ``bench/topology.py``); calibrated on images [6000:8000], evaluated on [8000:10000].
 
-Every attack of the suite runs with its defaults (eps 0.3 for the L-inf attacks, on MNIST too). The
-calibration uses :class:`detector.calibration.CalibrationConfig` defaults. For each model it writes
+Every attack of the suite runs with its defaults (eps 0.3 for the L-inf attacks, on MNIST too), from the
+Adversarial Robustness Toolbox on the ONNX model converted by onnx2torch; clean and adversarial images are
+rounded to 8-bit and only examples still adversarial after rounding count. LeNet-5's attacks run on the first
+``MAX_ATTACKED`` correctly classified evaluation inputs (ART's CW takes ~0.6 s per MNIST input on one core);
+the negatives are all of them. The calibration uses :class:`detector.calibration.CalibrationConfig` defaults. For each model it writes
 ``bench/results/quality-<model>.md`` (the results table, a header with the command, machine, date, data
 sizes and model accuracy, and a summary of the issue's targets) and ``bench/results/quality-<model>.json``
 (the ``results.json`` of the run). Baselines, ROC figures and the rest of each run stay in
 ``build/bench/quality-<model>/`` (not committed).
 
-Targets (issue 5): the fused AUROC is >= the best peer's (max-softmax, Mahalanobis, k-NN; the non-zero-pixel
-row is a sanity check, not a peer) on every attack, >= 0.95 on ``cw_k10`` and ``pgd_foreground``, and on
-``misclassified`` >= max-softmax's.
+Targets (issue 17): the fused AUROC is >= the best peer's (max-softmax, energy, Mahalanobis, k-NN, feature
+squeezing, layer-wise k-NN and Mahalanobis; the non-zero-pixel and off-grid rows are sanity checks, not peers)
+on every attack the fusion was not tuned on; >= 0.97 with TPR at 5 % FPR >= 0.80 on ``cw_k10`` and
+``pgd_foreground``; on ``misclassified`` >= max-softmax's + 0.01.
 
 Run: ``make bench`` or ``.venv/bin/python bench/quality.py [digits_cnn] [lenet5]`` (default: both). Takes
 10-20 minutes on 2 cores, most of it in the CW attacks and the LeNet-5 induced-graph features.
@@ -25,7 +29,6 @@ Run: ``make bench`` or ``.venv/bin/python bench/quality.py [digits_cnn] [lenet5]
 from __future__ import annotations
 
 import datetime as _dt
-import inspect
 import json
 import math
 import os
@@ -38,15 +41,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 
+import numpy as np
+
 from common import N_TRAIN, RESULTS, ROOT, digits_cnn, lenet5, mnist_splits  # noqa: E402  (puts ROOT on sys.path)
 
 from detector import Dataset, load_dataset  # noqa: E402
-from detector.calibration import ADVERSARIAL_SCORES, MISCLASSIFICATION_SCORES, CalibrationConfig, calibrate  # noqa: E402
+from detector.calibration import CalibrationConfig, calibrate  # noqa: E402
 
 WORK = ROOT / "build" / "bench"
-PEERS = ("max_softmax", "mahalanobis", "knn")
+PEERS = ("max_softmax", "energy", "mahalanobis", "knn", "feature_squeezing", "layerwise_knn", "layerwise_mahalanobis")
 STRICT_ATTACKS = ("cw_k10", "pgd_foreground")
-STRICT_AUROC = 0.95
+STRICT_AUROC = 0.97
+STRICT_TPR = 0.80
+MAX_ATTACKED = 500
 
 
 @dataclass(frozen=True)
@@ -55,10 +62,10 @@ class Case:
 
     name: str
     onnx: Path
-    torchscript: Path
     calib: Dataset
     evaluation: Dataset
     model_note: str
+    max_attacked: int | None = None
 
 
 def _say(msg: str) -> None:
@@ -69,33 +76,32 @@ def _cases(names: list[str]) -> list[Case]:
     """The benchmark cases asked for; trains the models that are missing."""
     cases = []
     if "digits_cnn" in names:
-        onnx_path, torchscript = digits_cnn()
-        cases.append(Case("digits_cnn", onnx_path, torchscript, load_dataset("digits:calib"), load_dataset("digits:test"),
+        onnx_path, _ = digits_cnn()
+        cases.append(Case("digits_cnn", onnx_path, load_dataset("digits:calib"), load_dataset("digits:test"),
                           "trained on `digits:train` (`build_demo_models`, seed 0, 60 epochs)"))
     if "lenet5" in names:
-        onnx_path, torchscript = lenet5()
+        onnx_path, _ = lenet5()
         splits = mnist_splits()
-        cases.append(Case("lenet5", onnx_path, torchscript, splits["calib"], splits["eval"],
+        cases.append(Case("lenet5", onnx_path, splits["calib"], splits["eval"],
                           f"trained on `mnist[:{N_TRAIN}]` (`train_lenet5`, seed 0, 8 epochs; "
-                          "`data/mnist` is the MNIST t10k set)"))
+                          "`data/mnist` is the MNIST t10k set)", MAX_ATTACKED))
     return cases
 
 
 def _attack_recorder(record: dict[str, dict[str, Any]]) -> Callable[..., Any]:
-    """``run_attack`` with a progress bar for the iterative attacks; keeps each attack's summary in ``record``.
+    """``run_attack`` that keeps each attack's summary and time in ``record``.
 
     The evaluation itself is unchanged: same attack, same defaults, same result.
     """
-    from detector.offline.attacks import ATTACKS, run_attack
+    from detector.offline.attacks import run_attack
 
     def run(name: str, model: Any, x: Any, y: Any, **overrides: Any) -> Any:
-        if "progress" in inspect.signature(ATTACKS[name]).parameters and "progress" not in overrides:
-            overrides["progress"] = True
         t0 = time.perf_counter()
         result = run_attack(name, model, x, y, **overrides)
         record[name] = {**result.summary(), "seconds": time.perf_counter() - t0}
-        _say(f"{name}: success {result.success_rate:.3f}, mean L2 {result.mean_l2:.3f}, "
-             f"mean Linf {result.mean_linf:.3f}, {record[name]['seconds']:.0f} s")
+        s = record[name]
+        _say(f"{name}: success {s['success_rate']:.3f} after rounding ({s['success_rate_unrounded']:.3f} before), "
+             f"mean L2 {s['mean_l2']:.3f}, mean Linf {s['mean_linf']:.3f}, {s['seconds']:.0f} s")
         return result
 
     return run
@@ -109,32 +115,35 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else ("yes" if ok else "**NO**")
 
 
-def summary(table: dict) -> tuple[list[str], list[str]]:
-    """The summary table (Markdown lines) and the list of targets not met."""
-    lines = ["| attack | success rate | n | fused AUROC | best peer | peer AUROC | fused >= best peer | "
+def summary(table: dict, tuned_on: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The summary table (Markdown lines) and the list of targets not met (rows in ``tuned_on`` are in-sample)."""
+    lines = ["| attack | success rate | n | fused AUROC | fused TPR@5% | best peer | peer AUROC | fused >= best peer | "
              "attack-specific target | met |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     failures = []
     for attack, row in table["attacks"].items():
         det = row["detectors"]
-        fused = det["fused"]["auroc"]
+        fused, fused_tpr = det["fused"]["auroc"], det["fused"]["tpr_at_fpr_0.05"]
         peers = {p: det[p]["auroc"] for p in PEERS if p in det and not math.isnan(det[p]["auroc"])}
         best = max(peers, key=peers.__getitem__) if peers else None
         beats = None if math.isnan(fused) or best is None else fused >= peers[best]
         if attack in STRICT_ATTACKS:
-            target, ok = f"fused >= {STRICT_AUROC}", None if math.isnan(fused) else fused >= STRICT_AUROC
+            target = f"AUROC >= {STRICT_AUROC}, TPR@5% >= {STRICT_TPR}"
+            ok = None if math.isnan(fused) else fused >= STRICT_AUROC and fused_tpr >= STRICT_TPR
         elif attack == "misclassified":
             ms = det["max_softmax"]["auroc"]
-            target, ok = f"fused >= max_softmax ({_fmt(ms)})", None if math.isnan(fused) else fused >= ms
+            target, ok = f"fused >= max_softmax + 0.01 ({_fmt(ms + 0.01)})", None if math.isnan(fused) else fused >= ms + 0.01
+        elif attack in tuned_on:
+            target, ok = "in-sample: calibration tuned the fusion on this attack", None
         else:
             target, ok = "-", None
-        if beats is False and not (attack == "misclassified" and best == "max_softmax"):  # listed once, below
+        if beats is False and attack not in tuned_on:
             failures.append(f"`{attack}`: fused {_fmt(fused)} < {best} {_fmt(peers[best])}")
         if ok is False:
-            failures.append(f"`{attack}`: {target} not met (fused {_fmt(fused)})")
-        lines.append(f"| {attack} | {_fmt(row['success_rate'])} | {row['n']} | {_fmt(fused)} | {best or 'n/a'} | "
-                     f"{_fmt(peers[best]) if best else 'n/a'} | {_verdict(beats)} | {target} | "
-                     f"{_verdict(ok) if target != '-' else '-'} |")
+            failures.append(f"`{attack}`: {target} not met (fused AUROC {_fmt(fused)}, TPR@5% {_fmt(fused_tpr)})")
+        lines.append(f"| {attack} | {_fmt(row['success_rate'])} | {row['n']} | {_fmt(fused)} | {_fmt(fused_tpr)} | "
+                     f"{best or 'n/a'} | {_fmt(peers[best]) if best else 'n/a'} | {_verdict(beats)} | {target} | "
+                     f"{_verdict(ok) if ok is not None else '-'} |")
     return lines, failures
 
 
@@ -150,26 +159,29 @@ def _header(case: Case, manifest: Any, table: dict, attack_info: dict, seconds: 
         f"- Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"torch single-threaded for the attacks; wall time of this model {seconds / 60:.1f} min "
         "(calibration + evaluation; the machine was shared with other work).",
-        f"- Model: `{case.onnx.relative_to(ROOT)}` (+ `{case.torchscript.name}` for the attacks), {case.model_note}. "
+        f"- Model: `{case.onnx.relative_to(ROOT)}` (attacked through onnx2torch), {case.model_note}. "
         f"Accuracy {manifest.heldout_metrics['accuracy']:.4f} on the calibration data, {eval_acc:.4f} on the "
         f"evaluation data.",
         f"- Calibration: `{d.spec}`, {d.n_samples} clean inputs: fit {d.n_fit}, conformal references {d.n_reference}, "
         f"thresholds {d.n_threshold}; `CalibrationConfig` defaults (seed {config.seed}, top_q {config.top_q}, "
         f"latent_dim {config.latent_dim}, FPRs {', '.join(map(str, config.fprs))}).",
-        f"- Fused detector: Fisher fusion of conformal p-values; `adversarial` = {', '.join(ADVERSARIAL_SCORES)} "
-        f"(attack rows), `likely_misclassified` = {', '.join(MISCLASSIFICATION_SCORES)} (`misclassified` row).",
+        *[f"- Flag `{r.name}` ({'attack rows' if r.name == 'adversarial' else '`misclassified` row'}): "
+          f"{'weighted ' if r.weights else ''}{r.fusion} over {', '.join(r.scores)}"
+          f"{' with weights ' + ', '.join(f'{w:.3f}' for w in r.weights) if r.weights else ''}; chosen on "
+          f"calibration data only: {r.selection}." for r in manifest.flags],
         f"- Evaluation: `{case.evaluation.name}`, {n_eval} inputs, {table['n_clean']} classified correctly "
-        "(the negatives and the inputs attacked). Positives: successful adversarial examples only.",
+        f"(the negatives; {'all' if case.max_attacked is None else f'the first {case.max_attacked}'} of them "
+        "attacked). Positives: successful adversarial examples only, success judged after rounding to 8-bit.",
         "",
-        "Attacks (defaults of `detector.offline.attacks.ATTACK_DEFAULTS`; norms are means over successful examples, "
-        "in pixel units):",
+        "Attacks (Adversarial Robustness Toolbox, defaults of `detector.offline.attacks.ATTACK_DEFAULTS`; images "
+        "rounded to 8-bit; norms are means over successful examples, in pixel units):",
         "",
-        "| attack | success rate | mean L2 | mean Linf | seconds |",
-        "|---|---|---|---|---|",
+        "| attack | inputs attacked | success rate after rounding | before rounding | mean L2 | mean Linf | seconds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, s in attack_info.items():
-        lines.append(f"| {name} | {_fmt(s['success_rate'])} | {_fmt(s['mean_l2'])} | {_fmt(s['mean_linf'])} | "
-                     f"{s['seconds']:.0f} |")
+        lines.append(f"| {name} | {s['n_samples']} | {_fmt(s['success_rate'])} | {_fmt(s['success_rate_unrounded'])} | "
+                     f"{_fmt(s['mean_l2'])} | {_fmt(s['mean_linf'])} | {s['seconds']:.0f} |")
     return lines
 
 
@@ -178,7 +190,8 @@ def run_case(case: Case, config: CalibrationConfig) -> dict:
     import torch
 
     import detector.offline.evaluate as evaluation
-    from detector.offline.evaluate import ATTACK_NAMES, evaluate, load_torchscript, results_markdown, write_results
+    from detector.offline.attacks import load_torch_classifier
+    from detector.offline.evaluate import ATTACK_NAMES, evaluate, results_markdown, write_results
     from detector.pipeline import Detector
 
     torch.set_num_threads(1)  # the attacks' small batches run 10-20x slower with 2 threads on 2 cores
@@ -194,18 +207,21 @@ def run_case(case: Case, config: CalibrationConfig) -> dict:
     original = evaluation.run_attack
     evaluation.run_attack = _attack_recorder(attack_info)
     try:
-        result = evaluate(detector, load_torchscript(case.torchscript), case.evaluation, ATTACK_NAMES,
-                          model_name=case.name, progress=True)
+        result = evaluate(detector, load_torch_classifier(case.onnx), case.evaluation, ATTACK_NAMES,
+                          model_name=case.name, progress=True, max_attacked=case.max_attacked)
     finally:
         evaluation.run_attack = original
     write_results(result, work / "eval")
+    np.savez(work / "p_values.npz", **{f"{attack}|{side}|{score}": v for attack, pair in result.p_values.items()
+                                        for side, part in zip(("clean", "positive"), pair) for score, v in part.items()})
     seconds = time.perf_counter() - t0
-    rows, failures = summary(result.table)
+    rows, failures = summary(result.table, config.tuning_attacks)
     lines = _header(case, manifest, result.table, attack_info, seconds, config)
     lines += ["", "## Summary against the targets", "",
-              "Best peer: the highest AUROC among " + ", ".join(PEERS) + " (`nonzero_pixels` is the sanity row, "
-              "not a peer). Targets (issue 5): fused >= best peer on every row; fused >= 0.95 on "
-              + " and ".join(f"`{a}`" for a in STRICT_ATTACKS) + "; on `misclassified` fused >= max_softmax.", ""]
+              "Best peer: the highest AUROC among " + ", ".join(PEERS) + " (`nonzero_pixels` and `offgrid_pixels` are "
+              "sanity rows, not peers). Targets (issue 17): fused >= best peer on every attack the fusion was not tuned "
+              f"on; fused AUROC >= {STRICT_AUROC} and TPR at 5% FPR >= {STRICT_TPR} on "
+              + " and ".join(f"`{a}`" for a in STRICT_ATTACKS) + "; on `misclassified` fused >= max_softmax + 0.01.", ""]
     lines += rows
     lines += ["", "Targets not met: " + ("none." if not failures else ""), *[f"- {f}" for f in failures], ""]
     body = results_markdown(result.table).replace("# Evaluation:", "## Evaluation:", 1)

@@ -8,17 +8,23 @@ Splits of the clean data (stratified by label, seeded):
 - **threshold** (a quarter): its p-values, computed against the references, give the fused statistic of
   each flag on clean inputs; each flag's threshold is the conformal quantile for every target FPR.
 
-Default flag rules (no attack data needed; see :class:`detector.conformal.Fusion`):
+Flag rules, each chosen on calibration data only (:func:`detector.fusion_choice.choose_fusion`; the
+manifest's ``selection`` records the choice and why):
 
-- ``adversarial``: Fisher fusion of the p-values of our three detection methods (induced persistence,
-  Betti density, introspection reconstruction) and of max-softmax, the one peer that reads the output
-  layer rather than the hidden features ours read, thresholded at the target FPR on clean held-out inputs.
-  The membership was chosen on the digits CNN evaluation (``bench/results/quality-digits_cnn.md``):
-  adding Mahalanobis and k-NN, which read the same hidden features, lowered the fused AUROC on every
-  attack (e.g. CW kappa=10: 0.861 with all six peers and ours, 0.918 with this set); say so when comparing
-  with detectors tuned without attack data;
-- ``likely_misclassified``: Fisher fusion of the introspection error estimate and max-softmax, the two
-  scores that estimate the classifier's error.
+- ``adversarial``: among Fisher and minimum-p (Tippett) fusions of up to three of :data:`ADVERSARIAL_CANDIDATES`
+  and a weighted Fisher over all of them (logistic-regression weights), the one with the best mean AUROC on
+  attacks calibration makes itself on its threshold split (``tuning_attacks``: FGSM over the whole image
+  and over the digit only), against the clean threshold inputs. Fisher over every score was measured to
+  dilute a strong member with weak ones (issue 17), hence a choice. Evaluations report the other attacks.
+  With ``tuning_attacks=()`` the rule is Fisher over :data:`ADVERSARIAL_SCORES` (no attack data);
+- ``likely_misclassified``: the same choice among fusions of up to two of
+  :data:`MISCLASSIFICATION_CANDIDATES`, with the threshold split's natural misclassifications as positives
+  (at least :data:`MIN_ERRORS` of them; otherwise max-softmax alone). Max-softmax alone is a candidate, so
+  the chosen statistic is never below it on that held-out data.
+
+Thresholds are then calibrated on all clean threshold inputs for every target FPR. The choice saw those
+clean inputs too (as negatives), so the threshold is a conformal quantile only up to the choice among a few
+hundred candidates: the held-out FPRs in the manifest and the evaluation's clean rates show how close.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from detector.capture import Capture
 from detector.conformal import ConformalCalibrator, Fusion, split_held_out
 from detector.data import Dataset
 from detector.errors import DataError
+from detector.fusion_choice import FusionChoice, choose_fusion
 from detector.graph_features import InducedGraphFeatures
 from detector.induced_graph import InducedGraph
 from detector.introspection import IntrospectionScorer
@@ -48,15 +55,28 @@ from detector.model import OnnxClassifier
 from detector.population import PopulationMonitor
 from detector.report import write_report
 from detector.scorers.base import Scorer
+from detector.scorers.layerwise import LayerwiseKNNScorer, LayerwiseMahalanobisScorer
+from detector.scorers.output import EnergyScorer, FeatureSqueezingScorer
 from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScorer, NonzeroPixelsScorer
 from detector.scorers.topology import BettiDensityScorer, InducedPersistenceScorer
+from detector.squeeze import default_squeezers, run_batches_with_squeezers
 
-__all__ = ["ADVERSARIAL_SCORES", "CalibrationConfig", "calibrate", "MISCLASSIFICATION_SCORES"]
+__all__ = ["ADVERSARIAL_CANDIDATES", "ADVERSARIAL_SCORES", "CalibrationConfig", "calibrate",
+           "MISCLASSIFICATION_CANDIDATES", "MISCLASSIFICATION_SCORES", "MIN_ERRORS"]
 
-#: Scores the ``adversarial`` flag fuses (see the module docstring for why these).
+#: The ``adversarial`` flag's members without tuning attacks (``tuning_attacks=()``).
 ADVERSARIAL_SCORES = ("induced_persistence", "betti_density", "introspection_reconstruction", "max_softmax")
-#: Scores that estimate the classifier's own error (the ``likely_misclassified`` flag fuses these).
-MISCLASSIFICATION_SCORES = ("introspection_error", "max_softmax")
+#: Scores the ``adversarial`` flag may fuse (every score but the non-zero-pixel sanity row).
+ADVERSARIAL_CANDIDATES = ("induced_persistence", "betti_density", "introspection_reconstruction",
+                          "introspection_error", "max_softmax", "energy", "mahalanobis", "knn", "feature_squeezing",
+                          "layerwise_knn", "layerwise_mahalanobis")
+#: The ``likely_misclassified`` flag's members without enough held-out errors to choose.
+MISCLASSIFICATION_SCORES = ("max_softmax",)
+#: Scores the ``likely_misclassified`` flag may fuse.
+MISCLASSIFICATION_CANDIDATES = ("max_softmax", "introspection_error", "energy", "mahalanobis", "knn",
+                                "feature_squeezing", "layerwise_knn", "layerwise_mahalanobis")
+#: Fewest natural misclassifications in the threshold split to choose the ``likely_misclassified`` fusion.
+MIN_ERRORS = 5
 _PACKAGES = ("advdetect", "numpy", "scipy", "numba", "onnx", "onnxruntime", "ripser", "scikit-learn", "torch")
 
 
@@ -84,6 +104,9 @@ class CalibrationConfig(BaseModel):
         Widths of the introspection encoder/decoder and estimator layers.
     window_size : int
         Population monitor window (the service's rolling window keeps at least this many inputs).
+    tuning_attacks : tuple of str
+        Attacks (:data:`detector.offline.attacks.ATTACK_DEFAULTS`) made on the threshold split to choose the
+        ``adversarial`` fusion; empty: Fisher over :data:`ADVERSARIAL_SCORES`, no attack data.
     progress : bool
         Show progress bars.
     """
@@ -99,6 +122,7 @@ class CalibrationConfig(BaseModel):
     latent_dim: int = Field(8, ge=1)
     introspection_hidden: tuple[int, ...] = (128, 128)
     window_size: int = Field(128, ge=8)
+    tuning_attacks: tuple[str, ...] = ("fgsm", "fgsm_foreground")
     progress: bool = True
 
 
@@ -119,8 +143,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build_scorers(model: OnnxClassifier, config: CalibrationConfig) -> list[Scorer]:
-    """The scorers calibrated by default, in the order they run."""
+def build_scorers(model: OnnxClassifier, config: CalibrationConfig, squeezers: list[str]) -> list[Scorer]:
+    """The scorers calibrated by default, in the order they run (``squeezers``: feature squeezing's)."""
     hidden = list(config.layers or model.default_capture())
     features = InducedGraphFeatures(InducedGraph.from_classifier(model), top_q=config.top_q)
     return [
@@ -132,6 +156,10 @@ def build_scorers(model: OnnxClassifier, config: CalibrationConfig) -> list[Scor
         MahalanobisScorer(layer=hidden[-1]),
         KNNScorer(layer=hidden[-1]),
         NonzeroPixelsScorer(),
+        EnergyScorer(),
+        FeatureSqueezingScorer(squeezers),
+        LayerwiseKNNScorer(layers=hidden, seed=config.seed),
+        LayerwiseMahalanobisScorer(layers=hidden, seed=config.seed),
     ]
 
 
@@ -155,13 +183,13 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
             f"{len(data)} clean inputs are too few: thresholds at FPR {min(config.fprs)} need >= {needed} held-out "
             f"threshold inputs, i.e. about {int(np.ceil(needed * 2 / (1 - config.fit_fraction)))} inputs in all"
         )
-    scorers = build_scorers(model, config)
+    scorers = build_scorers(model, config, default_squeezers(model, data.x[fit_idx], data.y[fit_idx]))
     extra = [t for s in scorers for t in s.required_tensors()]
     model.set_capture(list(dict.fromkeys(hidden + extra)))
     steps = tqdm(total=6 + len(scorers), desc="calibrate", disable=not config.progress, unit="step")
 
     steps.set_postfix_str("capturing activations")
-    capture = model.run_batches(data.x)
+    capture = run_batches_with_squeezers(model, data.x, [n for s in scorers for n in s.squeezer_names()])
     steps.update()
     fit, held = capture.subset(fit_idx), capture.subset(held_idx)
     for scorer in scorers:
@@ -184,14 +212,16 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     }
     p_thr = {name: calibrators[name].p_values(s[thr_rows], classes[thr_rows]) for name, s in held_scores.items()}
     rules = []
-    for name, members in (("adversarial", list(ADVERSARIAL_SCORES)), ("likely_misclassified", list(MISCLASSIFICATION_SCORES))):
-        fused = Fusion("fisher").combine(np.stack([p_thr[n] for n in members], axis=1))
+    x_thr, y_thr = data.x[held_idx][thr_rows], data.y[held_idx][thr_rows]
+    for name, choice in _choose_rules(model_path, model, scorers, calibrators, p_thr, x_thr, y_thr,
+                                      classes[thr_rows], config).items():
+        fusion = Fusion(choice["fusion"], choice["weights"])
+        fused = fusion.combine(np.stack([p_thr[n] for n in choice["scores"]], axis=1))
         thresholds = []
         for fpr in config.fprs:
             value = Fusion.fit_threshold(fused, fpr)
             thresholds.append(Threshold(target_fpr=fpr, value=value, heldout_fpr=float(np.mean(fused > value))))
-        rules.append(FlagRule(name=name, scores=members, fusion="fisher", thresholds=thresholds,
-                              default_fpr=config.fprs[0]))
+        rules.append(FlagRule(name=name, thresholds=thresholds, default_fpr=config.fprs[0], **choice))
     steps.update()
 
     steps.set_postfix_str("population Betti curves of clean windows")
@@ -233,13 +263,45 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     fit_scores: dict[str, np.ndarray] = {}
     for scorer in scorers:
         fit_scores.update(scorer.scores(fit))
-    thr_stats = {r.name: Fusion(r.fusion).combine(np.stack([p_thr[n] for n in r.scores], axis=1)) for r in rules}
+    thr_stats = {r.name: Fusion(r.fusion, r.weights).combine(np.stack([p_thr[n] for n in r.scores], axis=1)) for r in rules}
     write_report(Path(out), manifest, fit_scores, {k: v[thr_rows] for k, v in held_scores.items()}, thr_stats,
                  population.reference_mean_, _map_writer(scorers, config, hidden, fit, data.y[fit_idx], held,
                                                          data.y[held_idx]))
     steps.update()
     steps.close()
     return manifest
+
+
+def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, scorers: list[Scorer],
+                  calibrators: dict[str, ConformalCalibrator], p_thr: dict[str, np.ndarray], x_thr: np.ndarray,
+                  y_thr: np.ndarray, predicted: np.ndarray, config: CalibrationConfig) -> dict[str, dict]:
+    """Each flag's members, fusion, weights and the reason, chosen on the threshold split (module docstring)."""
+    right = predicted == y_thr
+    clean = {n: p[right] for n, p in p_thr.items()}
+    rules = {"adversarial": {"scores": list(ADVERSARIAL_SCORES), "fusion": "fisher", "weights": None,
+                             "selection": "default members (no tuning attacks)"},
+             "likely_misclassified": {"scores": list(MISCLASSIFICATION_SCORES), "fusion": "fisher", "weights": None,
+                                      "selection": f"max-softmax alone: fewer than {MIN_ERRORS} held-out errors"}}
+    tuned = {}
+    if config.tuning_attacks:
+        from detector.offline.tuning import tuning_p_values
+
+        tuned = tuning_p_values(model_path, model, scorers, calibrators, x_thr[right], y_thr[right], config.tuning_attacks)
+    if tuned:
+        rules["adversarial"] = _rule(choose_fusion(clean, tuned, ADVERSARIAL_CANDIDATES, ADVERSARIAL_SCORES,
+                                                   seed=config.seed), "tuning attacks " + ", ".join(tuned))
+    if (~right).sum() >= MIN_ERRORS:
+        errors = {"misclassified": {n: p[~right] for n, p in p_thr.items()}}
+        rules["likely_misclassified"] = _rule(choose_fusion(clean, errors, MISCLASSIFICATION_CANDIDATES,
+                                                            MISCLASSIFICATION_SCORES, max_members=2, seed=config.seed),
+                                              f"{int((~right).sum())} held-out misclassifications")
+    return rules
+
+
+def _rule(choice: FusionChoice, positives: str) -> dict:
+    """A :class:`FlagRule`'s fusion fields from a choice."""
+    return {"scores": choice.scores, "fusion": choice.method, "weights": choice.weights,
+            "selection": f"{positives}: {choice.reason()}"}
 
 
 def _map_writer(scorers: list[Scorer], config: CalibrationConfig, hidden: list[str], fit: Capture,

@@ -36,11 +36,15 @@ class Capture:
         The classifier's output.
     activations : dict of str to ndarray of shape (n_samples, ...)
         Captured intermediate tensors keyed by ONNX tensor name, in graph (topological) order.
+    squeezed_logits : dict of str to ndarray of shape (n_samples, n_classes)
+        Logits of squeezed copies of the inputs (feature squeezing), keyed by squeezer name; computed in
+        the same ONNX Runtime run (:func:`detector.squeeze.run_with_squeezers`). Empty unless asked for.
     """
 
     inputs: np.ndarray
     logits: np.ndarray
     activations: Mapping[str, np.ndarray] = field(default_factory=dict)
+    squeezed_logits: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.logits.shape[0])
@@ -61,6 +65,7 @@ class Capture:
             inputs=self.inputs[index],
             logits=self.logits[index],
             activations={k: v[index] for k, v in self.activations.items()},
+            squeezed_logits={k: v[index] for k, v in self.squeezed_logits.items()},
         )
 
     @staticmethod
@@ -73,4 +78,5 @@ class Capture:
             inputs=np.concatenate([p.inputs for p in parts]),
             logits=np.concatenate([p.logits for p in parts]),
             activations={n: np.concatenate([p.activations[n] for p in parts]) for n in names},
+            squeezed_logits={n: np.concatenate([p.squeezed_logits[n] for p in parts]) for n in parts[0].squeezed_logits},
         )

@@ -80,7 +80,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     try:
         config = CalibrationConfig(layers=args.layers, fprs=args.fpr, seed=args.seed, top_q=args.top_q,
-                                   latent_dim=args.latent_dim, progress=not args.quiet)
+                                   latent_dim=args.latent_dim, progress=not args.quiet,
+                                   tuning_attacks=() if args.tuning_attacks == ["none"] else tuple(args.tuning_attacks))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise AdvDetectError(f"invalid calibration settings: {problems}") from None
@@ -91,7 +92,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
           f"references {manifest.data.n_reference}, thresholds {manifest.data.n_threshold})")
     for rule in manifest.flags:
         rates = ", ".join(f"target {t.target_fpr:g}: held-out {t.heldout_fpr:.3f}" for t in rule.thresholds)
-        print(f"  flag {rule.name}: fisher over {', '.join(rule.scores)}; FPR {rates}")
+        weighted = "weighted " if rule.weights else ""
+        print(f"  flag {rule.name}: {weighted}{rule.fusion} over {', '.join(rule.scores)}; FPR {rates}")
     return 0
 
 
@@ -128,8 +130,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from detector.data import load_dataset
-    from detector.errors import ModelError
-    from detector.offline.evaluate import ATTACK_NAMES, evaluate, load_torchscript, results_markdown, write_results
+    from detector.offline.attacks import load_torch_classifier
+    from detector.offline.evaluate import ATTACK_NAMES, evaluate, results_markdown, write_results
     from detector.pipeline import Detector
 
     attacks = ATTACK_NAMES if args.attacks == ["all"] else args.attacks
@@ -140,11 +142,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(1)  # the attacks' small batches run 10-20x slower with 2 threads on a 2-core machine
-    try:
-        torch_model = load_torchscript(args.torchscript)
-    except (RuntimeError, ValueError, OSError) as exc:
-        raise ModelError(f"cannot load TorchScript model {args.torchscript}: {str(exc).splitlines()[0]}") from None
-    result = evaluate(detector, torch_model, data, attacks, model_name=Path(args.model).stem, progress=not args.quiet)
+    levels = None if args.pixel_levels == 0 else args.pixel_levels
+    result = evaluate(detector, load_torch_classifier(args.model), data, attacks, model_name=Path(args.model).stem,
+                      progress=not args.quiet, pixel_levels=levels, max_attacked=args.max_attacked or None)
     write_results(result, Path(args.out))
     print(results_markdown(result.table))
     print(f"results written to {args.out}/results.json, results.md and roc_*.png")
@@ -203,6 +203,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-q", type=float, default=1.0, help="induced-graph edges kept per layer pair (default 1 = exact)")
     p.add_argument("--latent-dim", type=int, default=8, help="introspection VAE latent size (default 8)")
+    p.add_argument("--tuning-attacks", type=_names, default=["fgsm", "fgsm_foreground"],
+                   help="attacks made on the threshold split to choose the adversarial fusion (default "
+                        "fgsm,fgsm_foreground; 'none': Fisher over the default members, no attack data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_calibrate)
 
@@ -217,12 +220,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="attack suite and side-by-side detector comparison")
     p.add_argument("--model", required=True, help="the .onnx classifier the baseline was calibrated for")
-    p.add_argument("--torchscript", required=True, help="TorchScript copy of the same classifier (for gradients)")
     p.add_argument("--baseline", required=True)
     p.add_argument("--data", required=True, help="clean evaluation data (not the calibration data)")
     p.add_argument("--attacks", type=_names, default=["all"], help="comma-separated attacks or 'all' (default)")
     p.add_argument("--out", required=True, help="output folder for results.json, results.md, roc_*.png")
     p.add_argument("--limit", type=int, default=0, help="evaluate on the first N inputs only")
+    p.add_argument("--pixel-levels", type=int, default=255,
+                   help="round clean and adversarial pixels to k/LEVELS (default 255: 8-bit); 0: no rounding")
+    p.add_argument("--max-attacked", type=int, default=0, help="attack only the first N correct inputs (0: all)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 

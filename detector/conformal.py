@@ -30,6 +30,7 @@ Fisher, *Statistical Methods for Research Workers* (1925): combining independent
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numba
 import numpy as np
@@ -281,6 +282,9 @@ class Fusion:
           2019): between the two, dominated by the smallest p-values, and robust to dependence.
 
         (The mean of -log p is Fisher divided by 2k: the same ranking, so it is not offered.)
+    weights : sequence of float, optional
+        Weighted Fisher, ``T = -2 sum_j w_j log p_j`` (``method="fisher"`` only): the weights
+        :func:`detector.fusion_choice.choose_fusion` may choose on calibration data. Default: all 1.
 
     Notes
     -----
@@ -304,8 +308,11 @@ class Fusion:
     inputs. No attack data is needed.
     """
 
-    def __init__(self, method: str = "fisher"):
+    def __init__(self, method: str = "fisher", weights: Sequence[float] | None = None):
         self.method = method
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
+        if self.weights is not None and (method != "fisher" or self.weights.ndim != 1 or (self.weights < 0).any()):
+            raise InvalidInput(f"weights need method 'fisher' and non-negative values, got {method!r} and {weights!r}")
 
     def combine(self, p_values: np.ndarray) -> np.ndarray:
         """Fused statistic of p-values (n_samples, n_scorers) in (0, 1], ndarray (n_samples,); higher = more suspicious."""
@@ -318,12 +325,15 @@ class Fusion:
             raise InvalidInput(f"expected p-values of shape (n_samples, n_scorers) with n_scorers >= 1, got {p.shape}")
         if not ((p > 0) & (p <= 1)).all():
             raise InvalidInput("p-values must lie in (0, 1] (conformal p-values never reach 0)")
+        if self.weights is not None and len(self.weights) != p.shape[1]:
+            raise InvalidInput(f"{len(self.weights)} weights for {p.shape[1]} p-values")
         return self._combine(p)
 
     def _combine(self, p: np.ndarray) -> np.ndarray:
         """:meth:`combine` of a float64 array (n_samples, n_scorers) of valid p-values, unchecked."""
         if self.method == "fisher":
-            return -2.0 * np.log(p).sum(axis=1)
+            logs = np.log(p) if self.weights is None else np.log(p) * self.weights
+            return -2.0 * logs.sum(axis=1)
         if self.method == "min":
             return -np.log(p.min(axis=1))
         return (1.0 / p).mean(axis=1)

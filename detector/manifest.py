@@ -72,9 +72,10 @@ class Threshold(_Frozen):
 class FlagRule(_Frozen):
     """A flag: which p-values it fuses, how, and where it fires.
 
-    The statistic is ``fusion`` of the conformal p-values of ``scores``; the flag fires when it exceeds the
-    threshold of the chosen target FPR (``default_fpr`` unless the request asks for another). ``reason_alpha``
-    names a scorer as a reason when its own p-value is below it.
+    The statistic is ``fusion`` of the conformal p-values of ``scores`` (weighted Fisher when ``weights`` are
+    given); the flag fires when it exceeds the threshold of the chosen target FPR (``default_fpr`` unless the
+    request asks for another). ``reason_alpha`` names a scorer as a reason when its own p-value is below it.
+    ``selection`` says how the members, fusion and weights were chosen (on calibration data only).
     """
 
     name: str
@@ -83,6 +84,8 @@ class FlagRule(_Frozen):
     thresholds: list[Threshold]
     default_fpr: float
     reason_alpha: float = 0.05
+    weights: list[float] | None = None
+    selection: str = ""
 
 
 class Manifest(_Frozen):

@@ -27,6 +27,7 @@ from detector.model import OnnxClassifier
 from detector.population import PopulationMonitor
 from detector.scorers.base import Scorer, ScorerContext
 from detector.scorers.registry import SCORER_KINDS, STAGE_OF_KIND
+from detector.squeeze import run_with_squeezers
 
 __all__ = ["Detection", "DetectionBatch", "Detector", "STAGES"]
 
@@ -99,9 +100,10 @@ class Detector:
             if rule.fusion not in FUSION_METHODS:
                 raise BaselineError(f"flag {rule.name!r}: unknown fusion {rule.fusion!r}, expected one of {FUSION_METHODS}")
         self.score_names = names
+        self._squeezers = list(dict.fromkeys(n for s in scorers for n in s.squeezer_names()))
         self._calibrator_stack = CalibratorStack([calibrators[n] for n in names])
         # each rule's fusion and the rows of its scores in the (n_scores, n_samples) tables of detect()
-        self._rules = [(rule, Fusion(rule.fusion), [names.index(n) for n in rule.scores]) for rule in manifest.flags]
+        self._rules = [(rule, Fusion(rule.fusion, rule.weights), [names.index(n) for n in rule.scores]) for rule in manifest.flags]
 
     @classmethod
     def load(cls, model_path: str | os.PathLike[str], baseline_dir: str | os.PathLike[str],
@@ -153,8 +155,9 @@ class Detector:
         return self.manifest.version
 
     def classify(self, x: np.ndarray) -> Capture:
-        """Only the ONNX Runtime pass (detection off): logits and captured activations."""
-        return self.model.run(x)
+        """Only the ONNX Runtime pass (detection off): logits, captured activations, and the logits of the
+        squeezed copies feature squeezing reads, computed in the same run as a larger batch."""
+        return run_with_squeezers(self.model, x, self._squeezers)
 
     def raw_scores(self, capture: Capture, seconds: dict[str, float] | None = None) -> dict[str, np.ndarray]:
         """Every scorer's scores for ``capture``; adds the time of each stage to ``seconds`` when given."""
@@ -185,7 +188,7 @@ class Detector:
     def statistics(self, p_values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Fused statistic of every flag rule, each ndarray (n_samples,)."""
         return {
-            rule.name: Fusion(rule.fusion).combine(np.stack([p_values[n] for n in rule.scores], axis=1))
+            rule.name: Fusion(rule.fusion, rule.weights).combine(np.stack([p_values[n] for n in rule.scores], axis=1))
             for rule in self.manifest.flags
         }
 

@@ -2,8 +2,11 @@
 
 Steps: build the embedded digits models and the baseline if missing; start ``advdetect serve`` in a child
 process; send clean test digits one request each, then adversarial versions of the same digits made by the
-attack suite (FGSM, foreground PGD, DeepFool, CW with kappa = 10) on the TorchScript copy; print a table of
-flags per kind, flag rates, latency and where the metrics are; stop the server with SIGTERM (graceful drain).
+attack suite (FGSM, foreground PGD, DeepFool, CW with kappa = 10; the Adversarial Robustness Toolbox on the
+ONNX model converted by onnx2torch); print a table of flags per kind, flag rates, latency and where the
+metrics are; stop the server with SIGTERM (graceful drain). Images reach a service as 8-bit pixels: the
+clean digits and every adversarial example are rounded to 8-bit, and only the examples that are still
+adversarial after rounding are sent.
 
 This is a client: it imports torch for the attacks, so it is not part of the serving path.
 """
@@ -67,12 +70,12 @@ def main() -> None:
 
     import torch
 
-    from detector.offline.attacks import run_attack
+    from detector.offline.attacks import load_torch_classifier, round_to_grid, run_attack
 
     torch.set_num_threads(1)
     test = load_dataset("digits:test")
-    x, y = test.x[: args.n], test.y[: args.n]
-    model = torch.jit.load(str(models / "digits_cnn.pt")).eval()
+    x, y = round_to_grid(test.x[: args.n]), test.y[: args.n]
+    model = load_torch_classifier(models / "digits_cnn.onnx")
     print(f"[demo] attacking {len(x)} test digits with {', '.join(ATTACKS)} ...", flush=True)
     adversarial = {}
     for name in ATTACKS:

@@ -2,15 +2,21 @@
 
 Protocol (DESIGN.md, "Honest evaluation"):
 
+- images reach a service as 8-bit pixels: the clean evaluation inputs are rounded to the pixel grid
+  (``pixel_levels``, 255 by default; a no-op for 8-bit data such as MNIST, at most 1/510 for the digits'
+  k/16 pixels) and so is every adversarial example (:func:`~detector.offline.attacks.run_attack`);
 - negatives are the clean evaluation inputs the model classifies correctly;
-- for each attack, positives are the *successful* adversarial examples made from those same inputs
-  (failed attempts are not counted); the attack's success rate is reported beside;
+- for each attack, positives are the *successful* adversarial examples made from those same inputs, success
+  judged after rounding (failed attempts are not counted); the attack's success rates after and before
+  rounding are reported beside. ``max_attacked`` attacks only the first correctly classified inputs
+  (the slow CW attacks on a large set); the negatives stay all of them;
 - ``misclassified``: positives are the clean evaluation inputs the model gets wrong;
 - ``noise``: Gaussian noise on the same inputs; every noisy input counts (it is a corruption, not an attack).
 
 For every (attack, detector) pair: AUROC and the TPR at 1 % and 5 % FPR (the largest TPR on the ROC curve
-whose FPR does not exceed the target). Detectors are the raw scores of every scorer (``nonzero_pixels`` is
-the input-statistics sanity row) and ``fused``: the ``adversarial`` flag's statistic on attack rows and the
+whose FPR does not exceed the target). Detectors are the raw scores of every scorer (``nonzero_pixels`` and
+``offgrid_pixels``, the count of pixels off the 8-bit grid, are the input-statistics sanity rows: an attack
+that gives itself away shows there) and ``fused``: the ``adversarial`` flag's statistic on attack rows and the
 ``likely_misclassified`` statistic on the ``misclassified`` row.
 """
 
@@ -29,13 +35,13 @@ from tqdm.auto import tqdm
 
 from detector.data import Dataset
 from detector.errors import InvalidInput
-from detector.offline.attacks import run_attack
+from detector.offline.attacks import ATTACKS, offgrid_pixels, round_to_grid, run_attack
 from detector.pipeline import Detector
 
-__all__ = ["ATTACK_NAMES", "EvaluationResult", "evaluate", "tpr_at_fpr", "write_results"]
+__all__ = ["ATTACK_NAMES", "EvaluationResult", "evaluate", "results_markdown", "tpr_at_fpr", "write_results"]
 
 #: Rows of the table, in order (``misclassified`` is not an attack but the natural errors of the model).
-ATTACK_NAMES = ("fgsm", "pgd", "pgd_foreground", "deepfool", "cw_k0", "cw_k10", "noise", "misclassified")
+ATTACK_NAMES = (*ATTACKS, "misclassified")
 FPR_TARGETS = (0.01, 0.05)
 
 
@@ -52,24 +58,29 @@ class EvaluationResult:
 
     table: dict
     scores: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]
+    #: per attack, the conformal p-value of every score: (clean negatives, positives), each {score: (n,)}
+    p_values: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
 
 
 def _detector_scores(detector: Detector, x: np.ndarray, batch_size: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Every raw score and each flag's fused statistic (``fused_<flag>``), and the predicted classes."""
+    """Every raw score, its p-value (``p_value:<score>``) and each flag's fused statistic (``fused_<flag>``), and the
+    predicted classes."""
     parts: list[dict[str, np.ndarray]] = []
     predicted = []
     for start in range(0, len(x), batch_size):
         capture = detector.classify(x[start : start + batch_size])
         raw = detector.raw_scores(capture)
-        stats = detector.statistics(detector.p_values(raw, capture.predicted))
-        parts.append(raw | {f"fused_{k}": v for k, v in stats.items()})
+        p_values = detector.p_values(raw, capture.predicted)
+        stats = detector.statistics(p_values)
+        parts.append(raw | {"offgrid_pixels": offgrid_pixels(capture.inputs)} | {f"fused_{k}": v for k, v in stats.items()}
+                     | {f"p_value:{k}": v for k, v in p_values.items()})
         predicted.append(capture.predicted)
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}, np.concatenate(predicted)
 
 
 def _row(clean: dict[str, np.ndarray], positive: dict[str, np.ndarray], fused_key: str) -> dict[str, dict[str, float]]:
     out = {}
-    names = [k for k in clean if not k.startswith("fused_")]
+    names = [k for k in clean if not k.startswith(("fused_", "p_value:"))]
     for name in ["fused", *names]:
         key = fused_key if name == "fused" else name
         neg, pos = clean[key], positive[key]
@@ -83,30 +94,43 @@ def _row(clean: dict[str, np.ndarray], positive: dict[str, np.ndarray], fused_ke
 
 
 def evaluate(detector: Detector, torch_model: torch.nn.Module, data: Dataset, attacks: Sequence[str] = ATTACK_NAMES,
-             model_name: str = "", progress: bool = True) -> EvaluationResult:
-    """Run the attacks on ``data``'s correctly classified inputs and score everything with ``detector``."""
+             model_name: str = "", progress: bool = True, pixel_levels: int | None = 255,
+             max_attacked: int | None = None) -> EvaluationResult:
+    """Run the attacks on ``data``'s correctly classified inputs and score everything with ``detector``.
+
+    ``torch_model`` is the same classifier in torch (:func:`~detector.offline.attacks.load_torch_classifier`
+    of the ONNX file); ``pixel_levels`` is the pixel grid (None: no rounding); ``max_attacked`` caps the
+    number of inputs attacked (default: every correctly classified input).
+    """
     unknown = [a for a in attacks if a not in ATTACK_NAMES]
     if unknown:
         raise InvalidInput(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACK_NAMES)} or all")
-    all_scores, predicted = _detector_scores(detector, data.x)
+    x = round_to_grid(data.x, pixel_levels)
+    all_scores, predicted = _detector_scores(detector, x)
     correct = predicted == data.y
     clean = {k: v[correct] for k, v in all_scores.items()}
-    table: dict = {"model": model_name, "n_clean": int(correct.sum()), "attacks": {}}
+    table: dict = {"model": model_name, "n_clean": int(correct.sum()), "pixel_levels": pixel_levels, "attacks": {}}
     kept: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
-    x_ok, y_ok = data.x[correct], data.y[correct]
+    p_values = {}
+    x_ok, y_ok = x[correct][:max_attacked], data.y[correct][:max_attacked]
     for name in tqdm(attacks, desc="evaluate", disable=not progress):
         if name == "misclassified":
             positive = {k: v[~correct] for k, v in all_scores.items()}
             rate, fused_key, n = float(np.mean(~correct)), "fused_likely_misclassified", int((~correct).sum())
+            rates = {"success_rate": rate}
         else:
-            result = run_attack(name, torch_model, x_ok, y_ok)
+            result = run_attack(name, torch_model, x_ok, y_ok, pixel_levels=pixel_levels)
             chosen = np.ones(len(x_ok), bool) if name == "noise" else result.success
             positive = _detector_scores(detector, result.x_adv[chosen])[0] if chosen.any() else {k: v[:0] for k, v in clean.items()}
-            rate, fused_key, n = result.success_rate, "fused_adversarial", int(chosen.sum())
-        table["attacks"][name] = {"success_rate": rate, "n": n, "detectors": _row(clean, positive, fused_key)}
+            fused_key, n = "fused_adversarial", int(chosen.sum())
+            summary = result.summary()
+            rates = {k: summary[k] for k in ("success_rate", "success_rate_unrounded", "mean_l2", "mean_linf")}
+        table["attacks"][name] = {**rates, "n": n, "detectors": _row(clean, positive, fused_key)}
         kept[name] = {d: (clean[d if d != "fused" else fused_key], positive[d if d != "fused" else fused_key])
                       for d in table["attacks"][name]["detectors"]}
-    return EvaluationResult(table, kept)
+        p_values[name] = tuple({k.removeprefix("p_value:"): v for k, v in part.items() if k.startswith("p_value:")}
+                               for part in (clean, positive))
+    return EvaluationResult(table, kept, p_values)
 
 
 def write_results(result: EvaluationResult, out: Path) -> None:
@@ -136,20 +160,17 @@ def write_results(result: EvaluationResult, out: Path) -> None:
 
 def results_markdown(table: dict) -> str:
     """The results table as Markdown: one block per attack, one row per detector."""
+    grid = "not rounded" if table["pixel_levels"] is None else f"rounded to k/{table['pixel_levels']}"
     lines = [f"# Evaluation: {table['model']}", "",
              f"Clean inputs classified correctly (negatives): {table['n_clean']}. Positives: successful adversarial "
-             "examples made from them (every noisy input for `noise`; the model's errors for `misclassified`).", ""]
+             "examples made from them (every noisy input for `noise`; the model's errors for `misclassified`). "
+             f"Pixels (clean and adversarial) {grid}; success is judged after rounding.", ""]
     for attack, row in table["attacks"].items():
-        lines += [f"## {attack}: success rate {row['success_rate']:.3f}, n = {row['n']}", "",
+        before = f" ({row['success_rate_unrounded']:.3f} before rounding)" if "success_rate_unrounded" in row else ""
+        lines += [f"## {attack}: success rate {row['success_rate']:.3f}{before}, n = {row['n']}", "",
                   "| detector | AUROC | TPR @ 1% FPR | TPR @ 5% FPR |", "|---|---|---|---|"]
         for name, m in row["detectors"].items():
             bold = "**" if name == "fused" else ""
             lines.append(f"| {bold}{name}{bold} | {m['auroc']:.3f} | {m['tpr_at_fpr_0.01']:.3f} | {m['tpr_at_fpr_0.05']:.3f} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def load_torchscript(path: str | Path) -> torch.nn.Module:
-    """Load a TorchScript classifier for the gradient attacks."""
-    return torch.jit.load(str(path), map_location="cpu").eval()
-

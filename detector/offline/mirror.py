@@ -131,10 +131,13 @@ ScoreMirror = Callable[[MirrorPass], dict[str, torch.Tensor]]
 
 
 class _MirrorContext:
-    """What score mirrors of one detector share: the settings and one :class:`TopologyMirror` per feature extractor."""
+    """What score mirrors of one detector share: the settings, the mirrored classifier (``classify(x) -> (logits,
+    activations)``) and one :class:`TopologyMirror` per feature extractor."""
 
-    def __init__(self, settings: MirrorSettings):
+    def __init__(self, settings: MirrorSettings,
+                 classify: Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]):
         self.settings = settings
+        self.classify = classify
         self._topology: dict[int, TopologyMirror] = {}
 
     def topology(self, features: Any) -> TopologyMirror:
@@ -232,6 +235,79 @@ def _nonzero_pixels(scorer: Any, context: _MirrorContext) -> ScoreMirror:
     return run
 
 
+def _energy(scorer: Any, context: _MirrorContext) -> ScoreMirror:
+    """Energy, -logsumexp(z) in logit units."""
+
+    def run(p: MirrorPass) -> dict[str, torch.Tensor]:
+        return {"energy": -torch.logsumexp(p.logits.to(torch.float64), dim=1)}
+
+    return run
+
+
+def _squeezed(name: str, x: torch.Tensor) -> torch.Tensor:
+    """:func:`detector.squeeze.squeeze` in torch; the bit-depth rounding passes gradients straight through (BPDA)."""
+    if name.startswith("bit_depth_"):
+        levels = float(2 ** int(name.removeprefix("bit_depth_")) - 1)
+        return straight_through(torch.round(torch.clamp(x.detach(), 0.0, 1.0) * levels) / levels, x)
+    if name == "median_2x2":
+        # scipy's size-2 window covers the pixel and its upper/left neighbours (mode "reflect" repeats the edge
+        # row and column) and takes the upper middle of the four sorted values
+        padded = torch.cat([x[..., :1, :], x], dim=-2)
+        padded = torch.cat([padded[..., :1], padded], dim=-1)
+        windows = torch.stack([padded[..., :-1, :-1], padded[..., :-1, 1:], padded[..., 1:, :-1], padded[..., 1:, 1:]])
+        return windows.sort(dim=0).values[2]
+    raise InvalidInput(f"the mirror knows the squeezers bit_depth_<b> and median_2x2, not {name!r}")
+
+
+def _feature_squeezing(scorer: Any, context: _MirrorContext) -> ScoreMirror:
+    """max_s || softmax(z(x)) - softmax(z(squeeze_s(x))) ||_1, the squeezed copies run through the mirrored model."""
+    squeezers = list(scorer.squeezers)
+
+    def run(p: MirrorPass) -> dict[str, torch.Tensor]:
+        q = torch.softmax(p.logits.to(torch.float64), dim=1)
+        distances = [(q - torch.softmax(context.classify(_squeezed(name, p.inputs))[0].to(torch.float64), dim=1))
+                     .abs().sum(dim=1) for name in squeezers]
+        return {"feature_squeezing": torch.stack(distances, dim=1).max(dim=1).values}
+
+    return run
+
+
+def _layerwise_knn_statistic(model: tuple[np.ndarray, np.ndarray], k: int) -> Callable[[torch.Tensor, np.ndarray], torch.Tensor]:
+    """Distance of normalised features to their k-th nearest reference of the predicted class (its farthest when
+    it has fewer than k; 2 when it has none), as :class:`~detector.scorers.layerwise.LayerwiseKNNScorer`."""
+    reference, labels = _tensor(model[0]), model[1]
+    reference_sq = (reference * reference).sum(dim=1)
+
+    def statistic(f: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
+        norm = f.norm(dim=1, keepdim=True)
+        u = f / torch.where(norm > 0, norm, torch.ones_like(norm))
+        sq = (u * u).sum(dim=1, keepdim=True) + reference_sq - 2.0 * (u @ reference.T)
+        sq = sq.masked_fill(torch.from_numpy(labels[None, :] != classes[:, None]), float("inf"))
+        counts = np.bincount(labels, minlength=int(classes.max(initial=0)) + 1)[classes]
+        kth = torch.from_numpy(np.minimum(k, np.maximum(counts, 1)) - 1)[:, None]
+        d = sq.sort(dim=1).values.gather(1, kth)[:, 0]
+        return torch.sqrt(torch.clamp(torch.where(torch.isfinite(d), d, torch.full_like(d, 4.0)), min=1e-24))
+
+    return statistic
+
+
+def _layerwise(scorer: Any, context: _MirrorContext) -> ScoreMirror:
+    """Layer-wise k-NN / Mahalanobis: -2 sum_l log p_l of each layer's statistic, p_l its smoothed conformal p-value."""
+    if scorer.kind == "layerwise_knn":
+        statistics = [_layerwise_knn_statistic(model, int(scorer.k)) for model in scorer.models_]
+    else:
+        statistics = [_Gaussian(model) for model in scorer.models_]
+    conformal = [SmoothConformal(cal, context.settings) for cal in scorer.calibrators_]
+    layers, name = list(scorer.layers_), scorer.kind
+
+    def run(p: MirrorPass) -> dict[str, torch.Tensor]:
+        log_p = [smooth(stat(_channel_features(p.activations[layer]).to(torch.float64), p.predicted), p.predicted)
+                 for layer, stat, smooth in zip(layers, statistics, conformal)]
+        return {name: -2.0 * torch.stack(log_p, dim=1).sum(dim=1)}
+
+    return run
+
+
 #: Score mirror factory of each scorer kind (``Scorer.kind``): ``factory(scorer, context) -> mirror``, where
 #: ``mirror(MirrorPass)`` returns the scorer's named scores as float64 tensors (n,), higher = more suspicious.
 SCORE_MIRRORS: dict[str, Callable[[Any, _MirrorContext], ScoreMirror]] = {
@@ -242,6 +318,10 @@ SCORE_MIRRORS: dict[str, Callable[[Any, _MirrorContext], ScoreMirror]] = {
     "mahalanobis": _mahalanobis,
     "knn": _knn,
     "nonzero_pixels": _nonzero_pixels,
+    "energy": _energy,
+    "feature_squeezing": _feature_squeezing,
+    "layerwise_knn": _layerwise,
+    "layerwise_mahalanobis": _layerwise,
 }
 
 
@@ -294,14 +374,15 @@ class SmoothConformal:
         return straight_through(hard, soft)
 
 
-def fuse(method: str, log_p_values: Sequence[torch.Tensor]) -> torch.Tensor:
+def fuse(method: str, log_p_values: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
     """A flag rule's statistic of log p-values, as :class:`detector.conformal.Fusion`: higher = more suspicious.
 
-    ``"fisher"``: -2 sum log p; ``"min"``: -log min p = max(-log p); ``"harmonic"``: mean 1 / p = mean exp(-log p).
+    ``"fisher"``: -2 sum_j w_j log p_j (w_j = 1 without ``weights``); ``"min"``: -log min p = max(-log p);
+    ``"harmonic"``: mean 1 / p = mean exp(-log p).
     """
     log_p = torch.stack(list(log_p_values), dim=1)
     if method == "fisher":
-        return -2.0 * log_p.sum(dim=1)
+        return -2.0 * (log_p if weights is None else log_p * _tensor(np.asarray(weights))).sum(dim=1)
     if method == "min":
         return -log_p.min(dim=1).values
     if method == "harmonic":
@@ -332,7 +413,7 @@ class DetectorMirror:
         self.settings = settings
         self.capture = list(detector.model.capture)
         self.network = onnx_to_torch(detector.model.model_, self.capture)
-        context = _MirrorContext(settings)
+        context = _MirrorContext(settings, self.classify)
         self._scorers: list[tuple[Scorer, ScoreMirror]] = [(s, SCORE_MIRRORS[s.kind](s, context)) for s in detector.scorers]
         self._conformal = {name: SmoothConformal(detector.calibrators[name], settings) for name in detector.score_names}
         self.rules = {rule.name: rule for rule in detector.manifest.flags}
@@ -375,7 +456,7 @@ class DetectorMirror:
                 raw.update(mirror(run))
         raw = {n: s for n, s in raw.items() if n in wanted}
         log_p = {n: self._conformal[n](s, run.predicted) for n, s in raw.items()}
-        statistics = {name: fuse(rule.fusion, [log_p[n] for n in rule.scores])
+        statistics = {name: fuse(rule.fusion, [log_p[n] for n in rule.scores], rule.weights)
                       for name, rule in self.rules.items() if set(rule.scores) <= set(log_p)}
         return MirrorOutput(logits, run.predicted, raw, log_p, statistics)
 

@@ -5,9 +5,9 @@
 
 onnx2torch imports torchvision for two converters (NonMaxSuppression, RoIAlign) that classifiers never
 use. No torchvision build matches the pinned CPU torch (``torch==2.13.0``): the one pip installs raises
-at import. When torchvision cannot be imported, a stand-in module whose ``ops`` functions raise is put in
-its place, so onnx2torch imports and converts every other op; a graph that does use those two ops gets a
-clear error when run.
+at import. When torchvision cannot be imported, a stand-in module whose ``ops`` functions raise takes its
+place while onnx2torch imports, so onnx2torch converts every other op; a graph that does use those two ops
+gets a clear error when run.
 
 onnx2torch 1.5.15 converts ops up to opset 17 (ReduceMean took its axes as an input from opset 18 on, as
 torch's exporter writes it): a newer graph is first converted to opset 17 with onnx's version converter.
@@ -34,18 +34,29 @@ def _torchvision_unavailable(*_: object, **__: object) -> None:
 
 
 def _import_onnx2torch() -> types.ModuleType:
-    """onnx2torch, with a stand-in for torchvision when the installed one cannot be imported."""
+    """onnx2torch, with a stand-in for torchvision while it imports, when the installed one cannot be imported.
+
+    The stand-in leaves ``sys.modules`` once onnx2torch is imported (its converters keep their references),
+    so that nothing else (torch's ONNX exporter looks torchvision up) mistakes it for the real package.
+    """
     try:
         import torchvision  # noqa: F401
     except Exception:  # RuntimeError ("operator torchvision::nms does not exist") or ImportError
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
-        stand_in, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
-        ops.nms = ops.box_convert = ops.roi_align = _torchvision_unavailable  # type: ignore[attr-defined]
-        stand_in.ops = ops  # type: ignore[attr-defined]
-        sys.modules["torchvision"], sys.modules["torchvision.ops"] = stand_in, ops
-    import onnx2torch
+    else:
+        import onnx2torch
 
+        return onnx2torch
+    stand_in, ops = types.ModuleType("torchvision"), types.ModuleType("torchvision.ops")
+    ops.nms = ops.box_convert = ops.roi_align = _torchvision_unavailable  # type: ignore[attr-defined]
+    stand_in.ops = ops  # type: ignore[attr-defined]
+    sys.modules.update({"torchvision": stand_in, "torchvision.ops": ops})
+    try:
+        import onnx2torch
+    finally:
+        for name in ("torchvision", "torchvision.ops"):
+            sys.modules.pop(name, None)
     return onnx2torch
 
 

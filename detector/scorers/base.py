@@ -80,6 +80,10 @@ class Scorer(ABC):
         """Tensors the scorer reads beyond the classifier's default capture (none by default)."""
         return []
 
+    def squeezer_names(self) -> list[str]:
+        """Squeezed copies of the input (:data:`detector.squeeze.SQUEEZERS`) whose logits it reads (none by default)."""
+        return []
+
     def _check_fitted(self, attribute: str) -> None:
         if not hasattr(self, attribute):
             raise NotReady(f"{type(self).__name__} is not fitted: call fit() or load it from a baseline first")

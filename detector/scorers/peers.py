@@ -26,7 +26,7 @@ from detector.errors import InvalidInput
 from detector.gaussian import ClassConditionalGaussian
 from detector.scorers.base import Scorer, ScorerContext
 
-__all__ = ["MaxSoftmaxScorer", "MahalanobisScorer", "KNNScorer", "NonzeroPixelsScorer", "layer_features"]
+__all__ = ["LogitScorer", "MaxSoftmaxScorer", "MahalanobisScorer", "KNNScorer", "NonzeroPixelsScorer", "layer_features"]
 
 
 def _check_labels(capture: Capture, labels: np.ndarray) -> np.ndarray:
@@ -74,7 +74,44 @@ def _default_layer(capture: Capture, layer: str | None) -> str:
     return list(capture.activations)[-1]
 
 
-class MaxSoftmaxScorer(Scorer):
+class LogitScorer(Scorer):
+    """Base of the scorers that read only the logits: nothing is learnt.
+
+    :meth:`fit` records the number of classes (so a capture from another model is refused); subclasses
+    read the checked float64 logits with :meth:`_logits` and add their constructor parameters to the state
+    with :meth:`_params`.
+    """
+
+    def fit(self, capture: Capture, labels: np.ndarray) -> "LogitScorer":
+        """Record the number of classes; ``labels`` are checked for length only. Returns self."""
+        _check_labels(capture, labels)
+        self.n_classes_ = int(capture.logits.shape[1])
+        return self
+
+    def _logits(self, capture: Capture) -> np.ndarray:
+        """The capture's logits as float64 (n_samples, n_classes), checked against the fitted class count."""
+        self._check_fitted("n_classes_")
+        z = np.asarray(capture.logits, dtype=np.float64)
+        if z.ndim != 2 or z.shape[1] != self.n_classes_:
+            raise InvalidInput(f"expected logits of shape (n_samples, {self.n_classes_}), got {z.shape}")
+        return z
+
+    def _params(self) -> dict[str, Any]:
+        return {}
+
+    def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        self._check_fitted("n_classes_")
+        return self._params(), {"n_classes": np.asarray(self.n_classes_, dtype=np.int64)}
+
+    @classmethod
+    def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray],
+                   context: ScorerContext | None = None) -> "LogitScorer":
+        scorer = cls(**params)
+        scorer.n_classes_ = int(arrays["n_classes"])
+        return scorer
+
+
+class MaxSoftmaxScorer(LogitScorer):
     """Maximum softmax probability baseline (Hendrycks & Gimpel 2017), as a suspicion score.
 
     ``score`` returns ndarray of shape (n_samples,) with values in [0, 1 - 1/n_classes]; higher = more
@@ -95,33 +132,13 @@ class MaxSoftmaxScorer(Scorer):
     kind = "max_softmax"
     score_names = ("max_softmax",)
 
-    def fit(self, capture: Capture, labels: np.ndarray) -> "MaxSoftmaxScorer":
-        """Record the number of classes; ``labels`` are checked for length only. Returns self."""
-        _check_labels(capture, labels)
-        self.n_classes_ = int(capture.logits.shape[1])
-        return self
-
     def scores(self, capture: Capture) -> dict[str, np.ndarray]:
         """1 - max softmax probability per input, ndarray (n_samples,); higher = more suspicious."""
-        self._check_fitted("n_classes_")
-        z = np.asarray(capture.logits, dtype=np.float64)
-        if z.ndim != 2 or z.shape[1] != self.n_classes_:
-            raise InvalidInput(f"expected logits of shape (n_samples, {self.n_classes_}), got {z.shape}")
+        z = self._logits(capture)
         e = np.exp(z - z.max(axis=1, keepdims=True))
         e[np.arange(len(e)), z.argmax(axis=1)] = 0.0  # drop the arg-max term exp(0) = 1 before summing
         r = e.sum(axis=1)
         return {self.kind: r / (1.0 + r)}
-
-    def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        self._check_fitted("n_classes_")
-        return {}, {"n_classes": np.asarray(self.n_classes_, dtype=np.int64)}
-
-    @classmethod
-    def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray],
-                   context: ScorerContext | None = None) -> "MaxSoftmaxScorer":
-        scorer = cls(**params)
-        scorer.n_classes_ = int(arrays["n_classes"])
-        return scorer
 
 
 class MahalanobisScorer(Scorer):

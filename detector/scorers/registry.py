@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from detector.introspection import IntrospectionScorer
 from detector.scorers.base import Scorer
+from detector.scorers.layerwise import LayerwiseKNNScorer, LayerwiseMahalanobisScorer
+from detector.scorers.output import EnergyScorer, FeatureSqueezingScorer
 from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScorer, NonzeroPixelsScorer
 from detector.scorers.topology import BettiDensityScorer, InducedPersistenceScorer
 
@@ -12,7 +14,8 @@ __all__ = ["SCORER_KINDS", "STAGE_OF_KIND"]
 SCORER_KINDS: dict[str, type[Scorer]] = {
     cls.kind: cls
     for cls in (InducedPersistenceScorer, BettiDensityScorer, IntrospectionScorer, MaxSoftmaxScorer, MahalanobisScorer,
-                KNNScorer, NonzeroPixelsScorer)
+                KNNScorer, NonzeroPixelsScorer, EnergyScorer, FeatureSqueezingScorer, LayerwiseKNNScorer,
+                LayerwiseMahalanobisScorer)
 }
 
 #: Stage label (``advdetect_stage_duration_seconds{stage}``) of each scorer kind.
@@ -24,4 +27,8 @@ STAGE_OF_KIND = {
     "mahalanobis": "peers",
     "knn": "peers",
     "nonzero_pixels": "peers",
+    "energy": "peers",
+    "feature_squeezing": "peers",
+    "layerwise_knn": "peers",
+    "layerwise_mahalanobis": "peers",
 }

@@ -12,7 +12,7 @@ import pytest
 
 from detector import BaselineError, load_dataset
 from detector.baseline import read_baseline
-from detector.calibration import CalibrationConfig, calibrate
+from detector.calibration import ADVERSARIAL_SCORES, CalibrationConfig, calibrate
 from detector.cli import main
 from detector.pipeline import Detector
 
@@ -27,7 +27,8 @@ def test_artifact_layout_and_manifest(cnn_baseline):
     raw = json.loads((out / "manifest.json").read_text())
     assert raw["schema_version"] == 1 and raw["model"]["sha256"] == manifest.model.sha256
     assert [s["kind"] for s in raw["scorers"]] == ["induced_persistence", "betti_density", "introspection",
-                                                   "max_softmax", "mahalanobis", "knn", "nonzero_pixels"]
+                                                   "max_softmax", "mahalanobis", "knn", "nonzero_pixels", "energy",
+                                                   "feature_squeezing", "layerwise_knn", "layerwise_mahalanobis"]
     assert {f["name"] for f in raw["flags"]} == {"adversarial", "likely_misclassified"}
     for rule in manifest.flags:
         for t in rule.thresholds:  # the conformal quantile keeps the held-out FPR at or below target
@@ -189,19 +190,29 @@ def test_cli_calibrate_rejects_bad_settings(demo_models, tmp_path, capsys):
 
 def test_cli_evaluate_writes_the_results_table(demo_models, cnn_baseline, tmp_path, capsys):
     out = tmp_path / "eval"
-    assert main(["evaluate", "--model", str(demo_models / "digits_cnn.onnx"), "--torchscript",
-                 str(demo_models / "digits_cnn.pt"), "--baseline", str(cnn_baseline[0]), "--data", "digits:test",
+    assert main(["evaluate", "--model", str(demo_models / "digits_cnn.onnx"),
+                 "--baseline", str(cnn_baseline[0]), "--data", "digits:test",
                  "--attacks", "fgsm,misclassified", "--limit", "120", "--out", str(out), "--quiet"]) == 0
     table = json.loads((out / "results.json").read_text())
     assert table["model"] == "digits_cnn" and set(table["attacks"]) == {"fgsm", "misclassified"}
     fgsm = table["attacks"]["fgsm"]
     assert fgsm["n"] == round(fgsm["success_rate"] * table["n_clean"]) and fgsm["n"] > 100
     assert {"fused", "induced_persistence", "betti_density", "introspection_reconstruction", "introspection_error",
-            "max_softmax", "mahalanobis", "knn", "nonzero_pixels"} <= set(fgsm["detectors"])
+            "max_softmax", "mahalanobis", "knn", "nonzero_pixels", "offgrid_pixels"} <= set(fgsm["detectors"])
+    assert table["pixel_levels"] == 255 and fgsm["detectors"]["offgrid_pixels"]["auroc"] == 0.5  # all on the grid
     assert fgsm["detectors"]["fused"]["auroc"] > 0.9  # FGSM changes the background: easy to see
     assert set(fgsm["detectors"]["fused"]) == {"auroc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.05"}
     assert (out / "roc_fgsm.png").is_file() and "## fgsm" in (out / "results.md").read_text()
-    assert main(["evaluate", "--model", str(demo_models / "digits_cnn.onnx"), "--torchscript",
-                 str(demo_models / "digits_cnn.pt"), "--baseline", str(cnn_baseline[0]), "--data", "digits:test",
+    assert main(["evaluate", "--model", str(demo_models / "digits_cnn.onnx"),
+                 "--baseline", str(cnn_baseline[0]), "--data", "digits:test",
                  "--attacks", "nope", "--out", str(out), "--quiet"]) == 2
     assert "unknown attack(s) ['nope']" in capsys.readouterr().err
+
+
+def test_cli_calibrate_without_tuning_attacks_keeps_the_default_fusion(demo_models, tmp_path, capsys):
+    assert main(["calibrate", "--model", str(demo_models / "digits_cnn.onnx"), "--data", "digits:calib",
+                 "--out", str(tmp_path / "b"), "--tuning-attacks", "none", "--quiet"]) == 0
+    rule = next(r for r in read_baseline(tmp_path / "b")[0].flags if r.name == "adversarial")
+    assert rule.scores == list(ADVERSARIAL_SCORES) and rule.fusion == "fisher" and rule.weights is None
+    assert rule.selection == "default members (no tuning attacks)"
+    assert "flag adversarial: fisher over induced_persistence" in capsys.readouterr().out

@@ -49,11 +49,18 @@ def test_mirror_reproduces_every_score_p_value_and_statistic(cnn_detector, cnn_m
                                                                               cnn_detector.detect(x, fpr=0.05).detections])
 
 
-def test_a_subset_of_scores_gives_only_their_rules(cnn_mirror, clean_and_attacked):
+def _members(detector, rule_name: str) -> list[str]:
+    return list(next(r for r in detector.manifest.flags if r.name == rule_name).scores)
+
+
+def test_a_subset_of_scores_gives_only_their_rules(cnn_detector, cnn_mirror, clean_and_attacked):
+    members = _members(cnn_detector, "likely_misclassified")
+    assert set(members) != set(_members(cnn_detector, "adversarial"))
     with torch.no_grad():
-        out = cnn_mirror(torch.from_numpy(clean_and_attacked[:4]), scores=["max_softmax", "introspection_error"])
-    assert set(out.scores) == {"max_softmax", "introspection_error"}
-    assert set(out.statistics) == {"likely_misclassified"}
+        out = cnn_mirror(torch.from_numpy(clean_and_attacked[:4]), scores=members)
+    assert set(out.scores) == set(members)
+    assert set(out.statistics) == {r.name for r in cnn_detector.manifest.flags if set(r.scores) <= set(members)}
+    assert "likely_misclassified" in out.statistics
     with pytest.raises(Exception, match="unknown scores"):
         cnn_mirror(torch.from_numpy(clean_and_attacked[:1]), scores=["no_such_score"])
 
@@ -114,10 +121,13 @@ def test_topology_gradients_match_finite_differences_for_a_fixed_forest(cnn_dete
 
 def test_score_and_p_value_gradients_match_finite_differences(cnn_detector, clean_and_attacked):
     """With the surrogates used both ways, the other scores, their smoothed p-values and the fused statistic."""
-    from detector.offline.mirror import DetectorMirror, MirrorSettings
+    from detector.offline.mirror import DetectorMirror, MirrorSettings, fuse
 
     smooth = DetectorMirror(cnn_detector, MirrorSettings(straight_through=False))
-    names = ["introspection_reconstruction", "introspection_error", "max_softmax", "mahalanobis", "knn"]
+    # feature squeezing is left out: its bit-depth rounding passes gradients straight through, so finite
+    # differences see steps where the mirror sees the identity
+    names = ["introspection_reconstruction", "introspection_error", "max_softmax", "mahalanobis", "knn", "energy",
+             "layerwise_mahalanobis", "layerwise_knn"]
     agree = 0
     for x, v in _noisy_rows(clean_and_attacked, (0, 3, 31, 34)):
         with torch.no_grad():
@@ -126,7 +136,7 @@ def test_score_and_p_value_gradients_match_finite_differences(cnn_detector, clea
         def total(xt: torch.Tensor) -> torch.Tensor:
             out = smooth(xt, scores=names)
             return (sum(out.scores[n].sum() / scale[n] for n in names) - out.log_p_values["knn"].sum()
-                    + out.statistics["likely_misclassified"].sum())
+                    + fuse("fisher", [out.log_p_values[n] for n in ("max_softmax", "introspection_error")], (2.0, 0.5)).sum())
 
         analytic, numeric = _directional(total, x, v)
         agree += abs(analytic - numeric) <= 0.05 * abs(numeric) + 1e-3

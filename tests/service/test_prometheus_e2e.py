@@ -52,9 +52,7 @@ def _wait_for(port: int, expr: str, predicate, timeout_s: float = 30.0) -> float
 
 
 def test_prometheus_sees_the_flag_rate_rise(prometheus_binary, demo_models, cnn_baseline, tmp_path):
-    import torch
-
-    from detector.offline.attacks import run_attack
+    from detector.offline.attacks import load_torch_classifier, run_attack
 
     running = create_server(load_settings(None, model_path=demo_models / "digits_cnn.onnx",
                                           baseline_path=cnn_baseline[0], grpc_port=0, metrics_port=0,
@@ -72,7 +70,7 @@ def test_prometheus_sees_the_flag_rate_rise(prometheus_binary, demo_models, cnn_
         _wait_for(prom_port, 'up{job="advdetect"}', lambda v: v == 1.0)
         test = load_dataset("digits:test")
         x, y = test.x[:96], test.y[:96]
-        adversarial = run_attack("fgsm", torch.jit.load(str(demo_models / "digits_cnn.pt")), x, y).x_adv
+        adversarial = run_attack("fgsm", load_torch_classifier(demo_models / "digits_cnn.onnx"), x, y).x_adv
         ratio = 'sum(advdetect_flags_total{flag="adversarial"}) / sum(advdetect_inputs_total)'
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             stub = detector_pb2_grpc.DetectorStub(channel)

@@ -66,13 +66,11 @@ def _flags_sum(metrics: dict, flag: str) -> float:
 
 
 def test_clean_and_adversarial_traffic_move_the_counters(server, stub, demo_models):
-    import torch
-
-    from detector.offline.attacks import run_attack
+    from detector.offline.attacks import load_torch_classifier, run_attack
 
     test = load_dataset("digits:test")
     clean_x, clean_y = test.x[:64], test.y[:64]
-    adv = run_attack("fgsm", torch.jit.load(str(demo_models / "digits_cnn.pt")), clean_x, clean_y)
+    adv = run_attack("fgsm", load_torch_classifier(demo_models / "digits_cnn.onnx"), clean_x, clean_y)
     before = _scrape(server)
     clean = stub.Detect(detector_pb2.DetectRequest(inputs=tensor_to_proto(clean_x), request_id="clean-1"))
     mid = _scrape(server)

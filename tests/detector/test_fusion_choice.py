@@ -1,0 +1,55 @@
+"""Choosing the fused statistic: a strong member is not diluted by weak ones; weighted Fisher in closed form."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from detector.conformal import Fusion
+from detector.errors import InvalidInput
+from detector.fusion_choice import choose_fusion, logistic_weights
+
+
+def _p_values(seed: int) -> tuple[dict, dict]:
+    """Clean p-values uniform; positives: 'strong' tiny, 'medium' somewhat small, 'weak_*' uniform."""
+    rng = np.random.default_rng(seed)
+    clean = {k: rng.uniform(0.001, 1, 400) for k in ("strong", "medium", "weak_a", "weak_b")}
+    positive = {"strong": rng.uniform(0.001, 0.05, 200), "medium": rng.uniform(0.001, 0.6, 200),
+                "weak_a": rng.uniform(0.001, 1, 200), "weak_b": rng.uniform(0.001, 1, 200)}
+    return clean, {"attack": positive}
+
+
+def test_a_strong_member_is_not_diluted_by_weak_ones():
+    clean, positives = _p_values(0)
+    names = list(clean)
+    choice = choose_fusion(clean, positives, names, default=names)
+    assert "strong" in choice.scores and not {"weak_a", "weak_b"} <= set(choice.scores)  # zero weights dropped
+    assert choice.auroc["attack"] > choice.alternatives["default"]  # Fisher over all four is diluted
+    assert "highest mean AUROC" in choice.reason() and "default" in choice.reason()
+
+
+def test_logistic_weights_favour_the_informative_member():
+    clean, positives = _p_values(1)
+    names = list(clean)
+    w = logistic_weights(np.stack([clean[n] for n in names], 1), np.stack([positives["attack"][n] for n in names], 1))
+    assert w.sum() == pytest.approx(1.0) and (w >= 0).all() and w.argmax() == 0
+
+
+def test_weighted_fisher_closed_form_and_checks():
+    p = np.array([[0.5, 0.01], [1.0, 1.0]])
+    np.testing.assert_allclose(Fusion("fisher", [2.0, 0.5]).combine(p), [-2 * (2 * np.log(0.5) + 0.5 * np.log(0.01)), 0])
+    np.testing.assert_allclose(Fusion("fisher", [1.0, 1.0]).combine(p), Fusion("fisher").combine(p))
+    with pytest.raises(InvalidInput, match="weights need method 'fisher'"):
+        Fusion("min", [1.0, 1.0])
+    with pytest.raises(InvalidInput, match="2 weights for 3 p-values"):
+        Fusion("fisher", [1.0, 1.0]).combine(np.full((1, 3), 0.5))
+    with pytest.raises(InvalidInput, match="non-empty set of positives"):
+        choose_fusion({"a": np.ones(3)}, {"x": {"a": np.ones(0)}}, ["a"], ["a"])
+
+
+def test_calibration_records_the_chosen_rules(cnn_baseline):
+    _, manifest = cnn_baseline
+    rules = {r.name: r for r in manifest.flags}
+    assert rules["adversarial"].selection.startswith("tuning attacks fgsm, fgsm_foreground")
+    assert "nonzero_pixels" not in rules["adversarial"].scores
+    assert rules["likely_misclassified"].selection  # chosen on held-out errors, or max-softmax alone when too few
