@@ -41,7 +41,7 @@ from detector.conformal import ConformalCalibrator, Fusion, split_held_out
 from detector.data import Dataset
 from detector.errors import DataError
 from detector.graph_features import InducedGraphFeatures
-from detector.induced_graph import InducedGraph
+from detector.induced_graph import DEFAULT_MAX_EDGES, InducedGraph
 from detector.introspection import IntrospectionScorer
 from detector.manifest import DataInfo, FlagRule, Manifest, ModelInfo, ScorerEntry, Threshold
 from detector.model import OnnxClassifier
@@ -77,6 +77,9 @@ class CalibrationConfig(BaseModel):
         Class-conditional conformal references need this many per predicted class.
     top_q : float in (0, 1]
         Induced-graph edges kept per layer pair (1 = exact).
+    max_edges : int
+        Edge budget of the induced graph: the last stages of the network that fit it (the whole graph when
+        it fits, as for LeNet-5; see :mod:`detector.induced_graph`).
     latent_dim : int
         Introspection VAE latent size used for scoring (8: measured better than 2 on digits; the report's
         activation-space map gets a 2-D model of its own when this is not 2).
@@ -96,6 +99,7 @@ class CalibrationConfig(BaseModel):
     fit_fraction: float = Field(0.5, gt=0, lt=1)
     min_class_count: int = Field(50, ge=1)
     top_q: float = Field(1.0, gt=0, le=1)
+    max_edges: int = Field(DEFAULT_MAX_EDGES, ge=1)
     latent_dim: int = Field(8, ge=1)
     introspection_hidden: tuple[int, ...] = (128, 128)
     window_size: int = Field(128, ge=8)
@@ -122,7 +126,7 @@ def _versions() -> dict[str, str]:
 def build_scorers(model: OnnxClassifier, config: CalibrationConfig) -> list[Scorer]:
     """The scorers calibrated by default, in the order they run."""
     hidden = list(config.layers or model.default_capture())
-    features = InducedGraphFeatures(InducedGraph.from_classifier(model), top_q=config.top_q)
+    features = InducedGraphFeatures(InducedGraph.from_classifier(model, max_edges=config.max_edges), top_q=config.top_q)
     return [
         InducedPersistenceScorer(features),
         BettiDensityScorer(features),
