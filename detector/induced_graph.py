@@ -46,10 +46,10 @@ from detector.reference_ops import conv_windows
 from detector.structure import (
     Activation,
     AvgPool,
-    Gate,
     BatchNorm,
     Conv,
     Dense,
+    Gate,
     GlobalAvgPool,
     MaxPool,
     Op,
