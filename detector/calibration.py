@@ -9,22 +9,24 @@ Splits of the clean data (stratified by label, seeded):
   each flag on clean inputs; each flag's threshold is the conformal quantile for every target FPR.
 
 Flag rules, each chosen on calibration data only (:func:`detector.fusion_choice.choose_fusion`; the
-manifest's ``selection`` records the choice and why):
+manifest's ``selection`` records the choice and why), on the **reference** split, never on the threshold
+split: the reference split is cut in half (stratified, seeded); conformal calibrators fitted on the first
+half give the p-values of the second half's clean inputs, of its natural misclassifications and of the
+attacks made from it. The chosen rule is thus fixed before any threshold input is seen, and each threshold
+stays a conformal quantile of clean statistics the choice never looked at.
 
 - ``adversarial``: among Fisher and minimum-p (Tippett) fusions of up to three of :data:`ADVERSARIAL_CANDIDATES`
   and a weighted Fisher over all of them (logistic-regression weights), the one with the best mean AUROC on
-  attacks calibration makes itself on its threshold split (``tuning_attacks``: FGSM over the whole image
-  and over the digit only), against the clean threshold inputs. Fisher over every score was measured to
-  dilute a strong member with weak ones (issue 17), hence a choice. Evaluations report the other attacks.
-  With ``tuning_attacks=()`` the rule is Fisher over :data:`ADVERSARIAL_SCORES` (no attack data);
+  attacks calibration makes itself (``tuning_attacks``: FGSM over the whole image and over the digit only),
+  against the clean inputs. Fisher over every score was measured to dilute a strong member with weak ones
+  (issue 17), hence a choice. Evaluations report the other attacks. With ``tuning_attacks=()`` the rule is
+  Fisher over :data:`ADVERSARIAL_SCORES` (no attack data);
 - ``likely_misclassified``: the same choice among fusions of up to two of
-  :data:`MISCLASSIFICATION_CANDIDATES`, with the threshold split's natural misclassifications as positives
-  (at least :data:`MIN_ERRORS` of them; otherwise max-softmax alone). Max-softmax alone is a candidate, so
-  the chosen statistic is never below it on that held-out data.
+  :data:`MISCLASSIFICATION_CANDIDATES`, with the natural misclassifications as positives (at least
+  :data:`MIN_ERRORS` of them; otherwise max-softmax alone). Max-softmax alone is a candidate, so the chosen
+  statistic is never below it on that held-out data.
 
-Thresholds are then calibrated on all clean threshold inputs for every target FPR. The choice saw those
-clean inputs too (as negatives), so the threshold is a conformal quantile only up to the choice among a few
-hundred candidates: the held-out FPRs in the manifest and the evaluation's clean rates show how close.
+Thresholds are then calibrated on the clean threshold inputs for every target FPR.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from detector.data import Dataset
 from detector.errors import DataError
 from detector.fusion_choice import FusionChoice, choose_fusion
 from detector.graph_features import InducedGraphFeatures
-from detector.induced_graph import InducedGraph
+from detector.induced_graph import DEFAULT_MAX_EDGES, InducedGraph
 from detector.introspection import IntrospectionScorer
 from detector.manifest import DataInfo, FlagRule, Manifest, ModelInfo, ScorerEntry, Threshold
 from detector.model import OnnxClassifier
@@ -75,7 +77,8 @@ MISCLASSIFICATION_SCORES = ("max_softmax",)
 #: Scores the ``likely_misclassified`` flag may fuse.
 MISCLASSIFICATION_CANDIDATES = ("max_softmax", "introspection_error", "energy", "mahalanobis", "knn",
                                 "feature_squeezing", "layerwise_knn", "layerwise_mahalanobis")
-#: Fewest natural misclassifications in the threshold split to choose the ``likely_misclassified`` fusion.
+#: Fewest natural misclassifications (in the tuning half of the reference split) to choose the
+#: ``likely_misclassified`` fusion.
 MIN_ERRORS = 5
 _PACKAGES = ("advdetect", "numpy", "scipy", "numba", "onnx", "onnxruntime", "ripser", "scikit-learn", "torch")
 
@@ -97,6 +100,9 @@ class CalibrationConfig(BaseModel):
         Class-conditional conformal references need this many per predicted class.
     top_q : float in (0, 1]
         Induced-graph edges kept per layer pair (1 = exact).
+    max_edges : int
+        Edge budget of the induced graph: the last stages of the network that fit it (the whole graph when
+        it fits, as for LeNet-5; see :mod:`detector.induced_graph`).
     latent_dim : int
         Introspection VAE latent size used for scoring (8: measured better than 2 on digits; the report's
         activation-space map gets a 2-D model of its own when this is not 2).
@@ -105,7 +111,7 @@ class CalibrationConfig(BaseModel):
     window_size : int
         Population monitor window (the service's rolling window keeps at least this many inputs).
     tuning_attacks : tuple of str
-        Attacks (:data:`detector.offline.attacks.ATTACK_DEFAULTS`) made on the threshold split to choose the
+        Attacks (:data:`detector.offline.attacks.ATTACK_DEFAULTS`) made on the reference split to choose the
         ``adversarial`` fusion; empty: Fisher over :data:`ADVERSARIAL_SCORES`, no attack data.
     progress : bool
         Show progress bars.
@@ -119,6 +125,7 @@ class CalibrationConfig(BaseModel):
     fit_fraction: float = Field(0.5, gt=0, lt=1)
     min_class_count: int = Field(50, ge=1)
     top_q: float = Field(1.0, gt=0, le=1)
+    max_edges: int = Field(DEFAULT_MAX_EDGES, ge=1)
     latent_dim: int = Field(8, ge=1)
     introspection_hidden: tuple[int, ...] = (128, 128)
     window_size: int = Field(128, ge=8)
@@ -146,7 +153,7 @@ def _versions() -> dict[str, str]:
 def build_scorers(model: OnnxClassifier, config: CalibrationConfig, squeezers: list[str]) -> list[Scorer]:
     """The scorers calibrated by default, in the order they run (``squeezers``: feature squeezing's)."""
     hidden = list(config.layers or model.default_capture())
-    features = InducedGraphFeatures(InducedGraph.from_classifier(model), top_q=config.top_q)
+    features = InducedGraphFeatures(InducedGraph.from_classifier(model, max_edges=config.max_edges), top_q=config.top_q)
     return [
         InducedPersistenceScorer(features),
         BettiDensityScorer(features),
@@ -212,9 +219,9 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     }
     p_thr = {name: calibrators[name].p_values(s[thr_rows], classes[thr_rows]) for name, s in held_scores.items()}
     rules = []
-    x_thr, y_thr = data.x[held_idx][thr_rows], data.y[held_idx][thr_rows]
-    for name, choice in _choose_rules(model_path, model, scorers, calibrators, p_thr, x_thr, y_thr,
-                                      classes[thr_rows], config).items():
+    ref_scores = {name: s[ref_rows] for name, s in held_scores.items()}
+    for name, choice in _choose_rules(model_path, model, scorers, ref_scores, data.x[held_idx][ref_rows],
+                                      data.y[held_idx][ref_rows], classes[ref_rows], config).items():
         fusion = Fusion(choice["fusion"], choice["weights"])
         fused = fusion.combine(np.stack([p_thr[n] for n in choice["scores"]], axis=1))
         thresholds = []
@@ -273,11 +280,20 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
 
 
 def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, scorers: list[Scorer],
-                  calibrators: dict[str, ConformalCalibrator], p_thr: dict[str, np.ndarray], x_thr: np.ndarray,
-                  y_thr: np.ndarray, predicted: np.ndarray, config: CalibrationConfig) -> dict[str, dict]:
-    """Each flag's members, fusion, weights and the reason, chosen on the threshold split (module docstring)."""
-    right = predicted == y_thr
-    clean = {n: p[right] for n, p in p_thr.items()}
+                  ref_scores: dict[str, np.ndarray], x_ref: np.ndarray, y_ref: np.ndarray, predicted: np.ndarray,
+                  config: CalibrationConfig) -> dict[str, dict]:
+    """Each flag's members, fusion, weights and the reason, chosen on the reference split (module docstring).
+
+    ``ref_scores`` are the reference inputs' scores, ``x_ref``/``y_ref`` their pixels and labels and
+    ``predicted`` the model's classes for them.
+    """
+    fit_half, tune_half = split_held_out(predicted, fraction=0.5, seed=config.seed)
+    calibrators = {name: ConformalCalibrator(config.min_class_count).fit(s[fit_half], predicted[fit_half], model.n_classes)
+                   for name, s in ref_scores.items()}
+    p_tune = {name: calibrators[name].p_values(s[tune_half], predicted[tune_half]) for name, s in ref_scores.items()}
+    x, y = x_ref[tune_half], y_ref[tune_half]
+    right = predicted[tune_half] == y
+    clean = {n: p[right] for n, p in p_tune.items()}
     rules = {"adversarial": {"scores": list(ADVERSARIAL_SCORES), "fusion": "fisher", "weights": None,
                              "selection": "default members (no tuning attacks)"},
              "likely_misclassified": {"scores": list(MISCLASSIFICATION_SCORES), "fusion": "fisher", "weights": None,
@@ -286,12 +302,12 @@ def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, sco
     if config.tuning_attacks:
         from detector.offline.tuning import tuning_p_values
 
-        tuned = tuning_p_values(model_path, model, scorers, calibrators, x_thr[right], y_thr[right], config.tuning_attacks)
+        tuned = tuning_p_values(model_path, model, scorers, calibrators, x[right], y[right], config.tuning_attacks)
     if tuned:
         rules["adversarial"] = _rule(choose_fusion(clean, tuned, ADVERSARIAL_CANDIDATES, ADVERSARIAL_SCORES,
                                                    seed=config.seed), "tuning attacks " + ", ".join(tuned))
     if (~right).sum() >= MIN_ERRORS:
-        errors = {"misclassified": {n: p[~right] for n, p in p_thr.items()}}
+        errors = {"misclassified": {n: p[~right] for n, p in p_tune.items()}}
         rules["likely_misclassified"] = _rule(choose_fusion(clean, errors, MISCLASSIFICATION_CANDIDATES,
                                                             MISCLASSIFICATION_SCORES, max_members=2, seed=config.seed),
                                               f"{int((~right).sum())} held-out misclassifications")

@@ -18,13 +18,16 @@ __all__ = ["main"]
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
+    from detector.induced_graph import InducedGraph
     from detector.model import OnnxClassifier
 
     model = OnnxClassifier(args.model)
     default = set(model.default_capture())
-    rows = [("name", "op", "shape", "units", "default")]
+    coverage = InducedGraph.from_classifier(model, max_edges=args.max_edges).coverage
+    rows = [("name", "op", "shape", "units", "default", "topology")]
     rows += [
-        (layer.name, layer.op_type, "x".join(map(str, layer.shape)), str(layer.size), "yes" if layer.name in default else "")
+        (layer.name, layer.op_type, "x".join(map(str, layer.shape)), str(layer.size), "yes" if layer.name in default else "",
+         coverage.get(layer.name, ""))
         for layer in model.layers()
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -80,7 +83,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     try:
         config = CalibrationConfig(layers=args.layers, fprs=args.fpr, seed=args.seed, top_q=args.top_q,
-                                   latent_dim=args.latent_dim, progress=not args.quiet,
+                                   max_edges=args.max_edges, latent_dim=args.latent_dim, progress=not args.quiet,
                                    tuning_attacks=() if args.tuning_attacks == ["none"] else tuple(args.tuning_attacks))
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -173,11 +176,13 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from detector.induced_graph import DEFAULT_MAX_EDGES
     parser = argparse.ArgumentParser(prog="advdetect", description="Adversarial-input detection for ONNX classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("layers", help="list the capturable layers of an ONNX classifier")
+    p = sub.add_parser("layers", help="list the capturable layers of an ONNX classifier and what covers them")
     p.add_argument("--model", required=True, help="path to the .onnx classifier")
+    p.add_argument("--max-edges", type=int, default=DEFAULT_MAX_EDGES, help="induced-graph edge budget (as calibrate)")
     p.set_defaults(func=_cmd_layers)
 
     p = sub.add_parser("demo-models", help="train the embedded digits MLP and CNN (ONNX + TorchScript)")
@@ -202,9 +207,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fpr", type=_floats, default=(0.01, 0.05), help="target false-positive rates (default 0.01,0.05)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-q", type=float, default=1.0, help="induced-graph edges kept per layer pair (default 1 = exact)")
+    p.add_argument("--max-edges", type=int, default=DEFAULT_MAX_EDGES,
+                   help=f"induced-graph edge budget: the last stages that fit it (default {DEFAULT_MAX_EDGES:,})")
     p.add_argument("--latent-dim", type=int, default=8, help="introspection VAE latent size (default 8)")
     p.add_argument("--tuning-attacks", type=_names, default=["fgsm", "fgsm_foreground"],
-                   help="attacks made on the threshold split to choose the adversarial fusion (default "
+                   help="attacks made on calibration data to choose the adversarial fusion (default "
                         "fgsm,fgsm_foreground; 'none': Fisher over the default members, no attack data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_calibrate)

@@ -72,8 +72,9 @@ class InducedGraphFeatures:
         self._memo = threading.local()  # per thread: the server scores requests in parallel
 
     def params(self) -> dict[str, object]:
-        """Constructor parameters (JSON-able), the graph excepted."""
-        return {"top_q": self.top_q, "densities": self.densities.tolist(), "quantiles": list(self.quantiles), "p": self.p}
+        """Constructor parameters (JSON-able) and the graph's edge budget ``max_edges`` (None: the whole graph)."""
+        return {"top_q": self.top_q, "densities": self.densities.tolist(), "quantiles": list(self.quantiles), "p": self.p,
+                "max_edges": self.graph.max_edges}
 
     @property
     def persistence_names(self) -> list[str]:

@@ -12,7 +12,20 @@ where h_u is the value of the source unit for this input and w_{u->v} the parame
 - MaxPool: only the arg-max input of each window has an edge (w = 1);
 - AveragePool: each input of the window, w = 1/k (k = cells counted by the op); GlobalAveragePool: w = 1/(H W);
 - residual Add: identity edges (w = 1) from both summands;
-- Flatten / Reshape / element-wise activations: no new layer, the units are the same.
+- Flatten / Reshape / element-wise activations: no new layer, the units are the same;
+- a gate (:class:`~detector.structure.Gate`: squeeze-and-excitation, SiLU, decomposed GELU) or a
+  BatchNorm/LayerNorm that no Dense/Conv precedes: no new layer, the units are those of the main operand,
+  and the next layer's edges carry the gated (normalised) values: the input's gate is folded into the
+  next weights;
+- a Dense over a tensor of tokens (MatMul of (N, T, D) by a (D, F) weight): one copy of the weight per token;
+- an op without a unit map (:class:`~detector.structure.Opaque`: attention's token mixing, Transpose,
+  Concat, Pad, ...): its output, when a later op reads it, is a *root* layer with no in-edges whose
+  values come from the capture, as the graph input's do.
+
+Edge budget ("last stages"): with ``max_edges``, the graph is built over the longest suffix of the ops
+(in graph order) with at most that many edges (at least the last op): the last stages of the network, up
+to the logits; tensors that the kept ops read but no kept op writes become root layers. Under the budget
+(LeNet-5, 282k edges; the digits models) the graph is the full unrolled graph, unchanged.
 
 The edge *structure* (sources, targets, parameters) is computed once per model; per input only a gather
 and a multiply remain (plus the arg-max of each max-pool window), with no Python loop over edges.
@@ -36,14 +49,19 @@ from detector.structure import (
     BatchNorm,
     Conv,
     Dense,
+    Gate,
     GlobalAvgPool,
     MaxPool,
     Op,
+    Opaque,
     Reshape,
     ResidualAdd,
 )
 
-__all__ = ["InducedGraph", "GraphEdges", "LayerPair"]
+__all__ = ["InducedGraph", "GraphEdges", "LayerPair", "DEFAULT_MAX_EDGES", "op_edge_count"]
+
+#: Default edge budget of the induced graph: LeNet-5 (282k edges) and the digits models stay whole.
+DEFAULT_MAX_EDGES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -106,35 +124,61 @@ class InducedGraph:
     shapes : dict of str to tuple of int
         Per-sample shape of every tensor the ops read or write (batch axis excluded).
     input_name : str
-        The graph input (layer 0).
+        The graph input (layer 0 when the first kept op reads it).
+    max_edges : int or None
+        Edge budget (see the module docstring); None keeps every op.
+
+    Attributes
+    ----------
+    roots : list of str
+        Tensors whose layer has no in-edges: the graph input and the outputs of opaque or cut-off ops.
+    coverage : dict of str to str
+        For each op's output tensor: ``induced graph``, ``induced graph (root)``, ``opaque <op>`` (no
+        unit map; the topology scorers do not see through it) or ``outside the edge budget``
+        (what ``advdetect layers`` prints).
+    start_op : int
+        Index in ``ops`` of the first op the graph covers (0 when the whole model fits the budget).
     """
 
-    def __init__(self, ops: list[Op], shapes: dict[str, tuple[int, ...]], input_name: str):
+    def __init__(self, ops: list[Op], shapes: dict[str, tuple[int, ...]], input_name: str,
+                 max_edges: int | None = None):
         self.input_name = input_name
-        self.layer_sizes: list[int] = [int(np.prod(shapes[input_name]))]
-        self.layer_names: list[str] = [input_name]
-        unit_of: dict[str, int] = {input_name: 0}
+        self.max_edges = max_edges
+        self.start_op = _budget_start(ops, shapes, max_edges) if max_edges is not None else 0
+        self.layer_sizes: list[int] = []
+        self.layer_names: list[str] = []
+        self.roots: list[str] = []
+        unit_of: dict[str, int] = {}
         last_linear: dict[str, int] = {}  # tensor written by a Dense/Conv -> its pair index (for BN folding)
         self.pairs: list[LayerPair] = []
 
         def new_layer(name: str) -> int:
+            if name not in shapes:
+                raise ModelError(f"induced graph: the shape of tensor {name!r} is unknown (ONNX shape inference)")
             self.layer_sizes.append(int(np.prod(shapes[name])))
             self.layer_names.append(name)
             unit_of[name] = len(self.layer_sizes) - 1
             return unit_of[name]
 
-        for op in ops:
-            if isinstance(op, (Activation, Reshape)):
+        def layer_of(name: str) -> int:
+            if name not in unit_of:  # the graph input, or the output of an opaque or cut-off op
+                self.roots.append(name)
+                new_layer(name)
+            return unit_of[name]
+
+        if self.start_op == 0:
+            layer_of(input_name)  # layer 0, as ever: a Flatten of the input keeps its units
+        for op in ops[self.start_op:]:
+            if isinstance(op, Opaque):
+                continue
+            if isinstance(op, (Activation, Reshape, Gate)) or (isinstance(op, BatchNorm) and op.input not in last_linear):
                 if op.input in unit_of:
                     unit_of[op.output] = unit_of[op.input]
                 continue
             inputs = op.inputs if isinstance(op, ResidualAdd) else (op.input,)
-            missing = [t for t in inputs if t not in unit_of]
-            if missing:
-                raise ModelError(f"induced graph: op {op.node or type(op).__name__} reads {missing[0]!r}, which no known layer produces")
+            for t in inputs:
+                layer_of(t)
             if isinstance(op, BatchNorm):
-                if op.input not in last_linear:
-                    raise ModelError(f"induced graph: BatchNormalization {op.node!r} must follow a Conv or Dense to be folded")
                 p = last_linear.pop(op.input)
                 self.pairs[p] = _fold_batchnorm(self.pairs[p], op, shapes[op.input])
                 unit_of[op.output] = unit_of[op.input]
@@ -155,6 +199,10 @@ class InducedGraph:
                 last_linear[op.output] = len(self.pairs) - 1
         if len(self.pairs) == 0:
             raise ModelError("induced graph: the model has no layer the structure reader can connect")
+        self.coverage = {op.output: "opaque " + op.op_type if isinstance(op, Opaque) else "outside the edge budget"
+                         for op in ops[:self.start_op] + [op for op in ops[self.start_op:] if isinstance(op, Opaque)]}
+        self.coverage.update({name: "induced graph" for name in unit_of})
+        self.coverage.update({name: "induced graph (root)" for name in self.roots})
         self.offsets = np.concatenate([[0], np.cumsum(self.layer_sizes)]).astype(np.int64)
         self.n_vertices = int(self.offsets[-1])
         self.required_tensors = list(dict.fromkeys(p.source_tensor for p in self.pairs if p.source_tensor != input_name))
@@ -167,11 +215,11 @@ class InducedGraph:
         self._has_maxpool = any(p.windows is not None for p in self.pairs)
 
     @classmethod
-    def from_classifier(cls, clf: "object") -> "InducedGraph":
+    def from_classifier(cls, clf: "object", max_edges: int | None = None) -> "InducedGraph":
         """Build from an :class:`~detector.model.OnnxClassifier` (its structure and tensor shapes)."""
         shapes = {layer.name: layer.shape for layer in clf.layers()}  # type: ignore[attr-defined]
         shapes[clf.input_name] = clf.input_shape  # type: ignore[attr-defined]
-        return cls(clf.structure(), shapes, clf.input_name)  # type: ignore[attr-defined]
+        return cls(clf.structure(), shapes, clf.input_name, max_edges)  # type: ignore[attr-defined]
 
     @property
     def pair_names(self) -> list[str]:
@@ -235,13 +283,47 @@ class InducedGraph:
         return GraphEdges(self.n_vertices, edges, weights, ptr)
 
 
+def op_edge_count(op: Op, shapes: dict[str, tuple[int, ...]]) -> int:
+    """Edges ``op`` adds to the induced graph (padding taps included, so an upper bound for a Conv)."""
+    size = lambda name: int(np.prod(shapes.get(name, (0,))))  # noqa: E731
+    if isinstance(op, Dense):
+        return size(op.input) * op.weight.shape[0]
+    if isinstance(op, Conv):
+        return size(op.output) * int(np.prod(op.weight.shape[1:]))
+    if isinstance(op, (MaxPool, AvgPool)):
+        return size(op.output) * (op.kernel[0] * op.kernel[1] if isinstance(op, AvgPool) else 1)
+    if isinstance(op, GlobalAvgPool):
+        return size(op.input)
+    if isinstance(op, ResidualAdd):
+        return 2 * size(op.output)
+    return 0
+
+
+def _budget_start(ops: list[Op], shapes: dict[str, tuple[int, ...]], max_edges: int) -> int:
+    """Index of the first op of the longest suffix of ``ops`` with at most ``max_edges`` edges (at least the last op)."""
+    total, start = 0, len(ops)
+    for k in range(len(ops) - 1, -1, -1):
+        total += op_edge_count(ops[k], shapes)
+        if total > max_edges and start < len(ops):
+            break
+        start = k
+    return start
+
+
 def _pair(op: Op, in_shape: tuple[int, ...], out_shape: tuple[int, ...], src_layer: int, dst_layer: int) -> LayerPair:
     name, t = op.node or op.output, op.output  # type: ignore[union-attr]
     if isinstance(op, Dense):
         n_out, n_in = op.weight.shape
+        tokens = int(np.prod(in_shape)) // n_in  # 1, or the tokens of a (T, D) input
         src = np.tile(np.arange(n_in, dtype=np.int64), n_out)
         dst = np.repeat(np.arange(n_out, dtype=np.int64), n_in)
-        return LayerPair(name, "dense", op.input, t, src_layer, dst_layer, src, dst, op.weight.ravel().copy(), op.bias)
+        param = op.weight.ravel().copy()
+        if tokens > 1:
+            src = (np.arange(tokens)[:, None] * n_in + src[None, :]).ravel()
+            dst = (np.arange(tokens)[:, None] * n_out + dst[None, :]).ravel()
+            param = np.tile(param, tokens)
+        return LayerPair(name, "dense", op.input, t, src_layer, dst_layer, src, dst, param,
+                         op.bias if tokens == 1 else np.tile(op.bias, tokens))
     if isinstance(op, Conv):
         c_in, h, w = in_shape
         c_out, cg, kh, kw = op.weight.shape

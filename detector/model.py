@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from detector.capture import Capture
 from detector.errors import InvalidInput, ModelError
-from detector.structure import ACTIVATION_OPS, Op, extract_structure
+from detector.structure import ACTIVATION_OPS, Op, ResidualAdd, extract_structure
 
 __all__ = ["LayerInfo", "OnnxClassifier", "file_sha256", "session_options"]
 
@@ -140,8 +140,16 @@ class OnnxClassifier:
         return list(self._layers)
 
     def default_capture(self) -> list[str]:
-        """Names of the post-activation hidden layers (element-wise activation outputs other than the logits)."""
-        return [layer.name for layer in self._layers if layer.post_activation and layer.name != self.output_name]
+        """Names of the post-activation hidden layers (element-wise activation outputs other than the logits).
+
+        A model without such outputs (a transformer whose GELU is exported as ``x * Phi(x)``) captures the
+        outputs of its residual Adds instead (the residual stream after each block).
+        """
+        names = [layer.name for layer in self._layers if layer.post_activation and layer.name != self.output_name]
+        if not names:
+            known = {layer.name for layer in self._layers}
+            names = [op.output for op in self.structure() if isinstance(op, ResidualAdd) and op.output in known]
+        return names
 
     def structure(self) -> list[Op]:
         """The layered structure (weights, strides, pads, ...) of the graph; see :mod:`detector.structure`."""

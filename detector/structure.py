@@ -14,11 +14,29 @@ MaxPool                     :class:`MaxPool`
 AveragePool                 :class:`AvgPool`
 GlobalAveragePool           :class:`GlobalAvgPool` (also ReduceMean over H, W)
 Flatten, Reshape, Identity  :class:`Reshape` (units keep their C order)
-Relu, LeakyRelu, ...        :class:`Activation` (element-wise)
+Relu, Clip (ReLU6), ...     :class:`Activation` (element-wise; also Erf, LayerNormalization, Softmax and
+                            Add/Sub/Mul/Div/Pow of a constant: the units are those of the input)
 Add of two tensors          :class:`ResidualAdd`
+Mul/Sub/Div of two tensors  :class:`Gate` (SiLU x * sigmoid(x), squeeze-and-excitation x * g, GELU's
+                            x * Phi(x)): the units are those of the full-size operand
+anything else               :class:`Opaque` (Transpose, Concat, Pad, Slice, Gather, MatMul of two data
+                            tensors as in attention, ...): no unit map is written
 ==========================  =========================================================================
 
 Constants may be initializers or ``Constant`` nodes (the torch.export-based exporter emits both).
+
+Treatments where the induced graph cannot be written exactly
+------------------------------------------------------------
+- *Input-dependent gates* (:class:`Gate`: squeeze-and-excitation, SiLU, decomposed GELU, and
+  :class:`Activation` for LayerNorm, whose scale is the token's own standard deviation): the op keeps
+  the units of its main operand and the next Dense/Conv reads the gated values, so its edges weigh
+  |w * g(x) * h|: the input's gate is folded into the next layer's weights, as an element-wise activation
+  is. The gate's own branch (pool -> 1x1 convs -> sigmoid) stays in the graph as a side branch.
+- *Token mixing with input-dependent weights* (attention's ``softmax(q k^T) v``) and every other op
+  without a unit map (:class:`Opaque`): the op's output starts a new root layer of the induced graph,
+  whose values are read from the capture like the graph input's. The topology thus covers the
+  analysable part of the network that ends at the logits (and every analysable segment before it);
+  ``advdetect layers`` says which ops are opaque.
 """
 
 from __future__ import annotations
@@ -42,6 +60,8 @@ __all__ = [
     "Reshape",
     "Activation",
     "ResidualAdd",
+    "Gate",
+    "Opaque",
     "Op",
     "ACTIVATION_OPS",
     "extract_structure",
@@ -49,9 +69,14 @@ __all__ = [
 
 #: Element-wise activation ops whose outputs count as "post-activation hidden layers".
 ACTIVATION_OPS = frozenset(
-    {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Gelu", "HardSigmoid", "HardSwish", "Softplus", "PRelu"}
+    {"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "Gelu", "HardSigmoid", "HardSwish", "Softplus", "PRelu",
+     "Clip", "Mish"}
 )
-_IDENTITY_OPS = frozenset({"Flatten", "Reshape", "Identity", "Dropout", "Squeeze", "Unsqueeze"})
+_IDENTITY_OPS = frozenset({"Flatten", "Reshape", "Identity", "Dropout", "Squeeze", "Unsqueeze", "Cast"})
+#: Element-wise ops that keep their input's units but are not "activations" (not captured by default).
+_ELEMENTWISE_OPS = frozenset({"Softmax", "Erf", "LayerNormalization", "Sqrt", "Neg", "Abs", "Exp", "Log", "Reciprocal"})
+#: Binary element-wise ops: of a constant, an :class:`Activation`; of two data tensors, a :class:`Gate`.
+_BINARY_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Pow"})
 
 
 @dataclass(frozen=True)
@@ -174,7 +199,41 @@ class ResidualAdd:
         return self.inputs[0]
 
 
-Op = Union[Dense, Conv, BatchNorm, MaxPool, AvgPool, GlobalAvgPool, Reshape, Activation, ResidualAdd]
+@dataclass(frozen=True)
+class Gate:
+    """Element-wise product (or Sub, Div) of two data tensors: ``output = input (op) gate``.
+
+    ``input`` is the operand of the output's shape (its units are the output's); ``gate`` may broadcast
+    (a squeeze-and-excitation gate is (N, C, 1, 1)). The induced graph keeps ``input``'s units, so the next
+    layer's edges carry the gated values: the input's gate is folded into the next weights.
+    """
+
+    input: str
+    gate: str
+    output: str
+    op_type: str = "Mul"
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """An op whose unit-to-unit map advdetect does not write (Transpose, Concat, Pad, attention's MatMul, ...).
+
+    Its output starts a new root layer of the induced graph (values read from the capture).
+    """
+
+    inputs: tuple[str, ...]
+    output: str
+    op_type: str
+    node: str = ""
+
+    @property
+    def input(self) -> str:
+        """The first data input."""
+        return self.inputs[0]
+
+
+Op = Union[Dense, Conv, BatchNorm, MaxPool, AvgPool, GlobalAvgPool, Reshape, Activation, ResidualAdd, Gate, Opaque]
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, object]:
@@ -217,6 +276,8 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
                 consts[node.output[0]] = np.array(attrs["value_float"].f, dtype=np.float32)
             elif "value_ints" in attrs:
                 consts[node.output[0]] = np.array(list(attrs["value_ints"].ints), dtype=np.int64)
+        elif node.op_type == "Identity" and node.input[0] in consts:  # the exporter's copy of a shared weight
+            consts[node.output[0]] = consts[node.input[0]]
     return consts
 
 
@@ -244,12 +305,14 @@ def extract_structure(model: onnx.ModelProto) -> list[Op]:
     Raises
     ------
     ModelError
-        For an op whose unit-to-unit structure advdetect does not know (the message names it), a
-        transposed Gemm input, or a non-constant weight.
+        For a Gemm with a transposed input or a non-constant weight, a Conv of more than 2-D, or a pooling
+        with unsupported attributes. Ops without a known unit map are not refused: they become
+        :class:`Opaque`.
     """
     consts = _constants(model)
     nodes = [n for n in model.graph.node if n.op_type != "Constant"]
     consumers: dict[str, list[onnx.NodeProto]] = {}
+    producer = {o: n for n in nodes for o in n.output}
     for n in nodes:
         for name in n.input:
             consumers.setdefault(name, []).append(n)
@@ -284,6 +347,8 @@ def extract_structure(model: onnx.ModelProto) -> list[Op]:
             if len(node.input) > 2 and node.input[2]:
                 bias = float(a.get("beta", 1.0)) * np.broadcast_to(const(node.input[2], node), (w.shape[0],))
             ops.append(Dense(x, y, np.ascontiguousarray(w, np.float32), np.asarray(bias, np.float32), name))
+        elif t == "MatMul" and node.input[1] not in consts:  # attention: q k^T, attn v
+            ops.append(Opaque(tuple(data_inputs), y, t, name))
         elif t == "MatMul":
             w = np.ascontiguousarray(const(node.input[1], node).T, np.float32)
             bias = np.zeros(w.shape[0], np.float32)
@@ -329,17 +394,37 @@ def extract_structure(model: onnx.ModelProto) -> list[Op]:
             ops.append(GlobalAvgPool(x, y, name))  # how the torch.export-based exporter writes AdaptiveAvgPool2d(1)
         elif t in _IDENTITY_OPS:
             ops.append(Reshape(x, y, t, name))
-        elif t in ACTIVATION_OPS or t == "Softmax":
+        elif t in ACTIVATION_OPS or t in _ELEMENTWISE_OPS or (t in _BINARY_OPS and len(data_inputs) == 1):
             alpha = float(a.get("alpha", 0.01 if t == "LeakyRelu" else 0.0))  # type: ignore[arg-type]
             ops.append(Activation(x, y, t, alpha, name))
-        elif t == "Add" and len(data_inputs) == 2:
+        elif t == "Add" and len(data_inputs) == 2 and data_inputs[0] != data_inputs[1]:
             ops.append(ResidualAdd((data_inputs[0], data_inputs[1]), y, name))
-        elif t == "Add" and len(data_inputs) == 1:
-            raise ModelError(f"node {name!r}: an Add of a constant that does not follow a MatMul is not supported")
+        elif t in _BINARY_OPS and len(data_inputs) == 2:
+            ops.append(Gate(*_gate_operands(data_inputs[0], data_inputs[1], producer), y, t, name))
         else:
-            raise ModelError(
-                f"node {name or t!r}: op {t} is not supported by the structure reader "
-                "(supported: Gemm, MatMul+Add, Conv, BatchNormalization, MaxPool, AveragePool, GlobalAveragePool, "
-                "Flatten/Reshape/Identity/Dropout, element-wise activations, residual Add)"
-            )
+            ops.append(Opaque(tuple(data_inputs), y, t, name))
     return ops
+
+
+def _gate_operands(a: str, b: str, producer: dict[str, onnx.NodeProto]) -> tuple[str, str]:
+    """(main operand, gate) of a binary op of two data tensors.
+
+    The gate is the operand computed from the other one through a chain of single-input ops or a reduction
+    (sigmoid(x), the squeeze-and-excitation branch, erf(x / sqrt 2) + 1); otherwise the first operand is
+    the main one.
+    """
+
+    def descends(t: str, ancestor: str) -> bool:
+        seen, stack = set(), [t]
+        while stack:
+            cur = stack.pop()
+            if cur == ancestor:
+                return True
+            node = producer.get(cur)
+            if node is None or cur in seen:
+                continue
+            seen.add(cur)
+            stack.extend(node.input)
+        return False
+
+    return (b, a) if descends(a, b) and not descends(b, a) else (a, b)

@@ -63,8 +63,12 @@ class _InducedGraphScorer(Scorer):
             raise InvalidInput(f"{cls.__name__} needs the classifier (a ScorerContext) to rebuild its induced graph")
         key = ("induced_graph_features", repr(sorted(params.items())))
         if key not in context.shared:
-            graph = context.shared.setdefault("induced_graph", InducedGraph.from_classifier(context.model))
-            context.shared[key] = InducedGraphFeatures(graph, **params)
+            kwargs = dict(params)
+            max_edges = kwargs.pop("max_edges", None)  # absent from baselines written before the edge budget
+            graph_key = ("induced_graph", max_edges)
+            if graph_key not in context.shared:
+                context.shared[graph_key] = InducedGraph.from_classifier(context.model, max_edges=max_edges)
+            context.shared[key] = InducedGraphFeatures(context.shared[graph_key], **kwargs)
         scorer = cls(context.shared[key])
         scorer.gaussian_ = ClassConditionalGaussian.from_state(arrays, "gaussian/")
         return scorer

@@ -65,8 +65,8 @@ def _capture_for(clf: OnnxClassifier, graph: InducedGraph, x: np.ndarray):
     return capture, {clf.input_name: capture.inputs, **capture.activations, clf.output_name: capture.logits}
 
 
-def _assert_oracle(clf: OnnxClassifier, x: np.ndarray) -> InducedGraph:
-    graph = InducedGraph.from_classifier(clf)
+def _assert_oracle(clf: OnnxClassifier, x: np.ndarray, max_edges: int | None = None) -> InducedGraph:
+    graph = InducedGraph.from_classifier(clf, max_edges=max_edges)
     capture, values = _capture_for(clf, graph, x)
     for i in range(len(x)):
         g = graph.edges(capture, i, signed=True)
@@ -111,10 +111,10 @@ def test_oracle_on_demo_models(demo_models, digits_split_arrays, name):
     _assert_oracle(OnnxClassifier(demo_models / f"{name}.onnx"), digits_split_arrays["x_test"][:5])
 
 
-def _graph_and_capture(path, x: np.ndarray):
+def _graph_and_capture(path, x: np.ndarray, max_edges: int | None = None):
     """A model's induced graph and a capture of ``x`` holding every tensor the graph reads."""
     clf = OnnxClassifier(path)
-    graph = InducedGraph.from_classifier(clf)
+    graph = InducedGraph.from_classifier(clf, max_edges=max_edges)
     clf.set_capture(clf.default_capture() + graph.required_tensors)
     return graph, clf.run(x)
 
@@ -146,11 +146,11 @@ def test_edge_counts_and_weights(demo_models, digits_split_arrays):
 # the block-by-block spanning forest (the features' fast path) against the full edge list
 
 
-def _assert_forest_matches_edges(path, x: np.ndarray, *, reference: str = "kruskal") -> None:
+def _assert_forest_matches_edges(path, x: np.ndarray, *, reference: str = "kruskal", max_edges: int | None = None) -> None:
     from detector.induced_forest import InducedForest
     from detector.persistence import h0_persistence, h0_persistence_ripser
 
-    graph, capture = _graph_and_capture(path, x)
+    graph, capture = _graph_and_capture(path, x, max_edges)
     forest = InducedForest(graph)
     for i in range(len(x)):
         g = graph.edges(capture, i)
@@ -214,3 +214,75 @@ def test_features_fast_path_equals_the_edge_list_path(demo_models, digits_split_
     a, b = fast.transform(capture), listed.transform(capture)
     np.testing.assert_allclose(a["persistence"], b["persistence"], rtol=1e-12, atol=0)
     np.testing.assert_array_equal(a["betti"], b["betti"])
+
+
+# --------------------------------------------------------------------------------------------------
+# real architectures: gates, depthwise convolutions, attention, and the edge budget
+
+
+def _zoo(name: str) -> nn.Module:
+    from detector.offline.zoo import MobileNetV2, ResNet, ViT
+
+    torch.manual_seed(0)
+    return {"resnet18": lambda: ResNet.resnet18(width=4),
+            "mobilenetv2_se_hardswish": lambda: MobileNetV2(width=0.25, se=True, act=nn.Hardswish),
+            "mobilenetv2_silu": lambda: MobileNetV2(width=0.25, act=nn.SiLU),
+            "vit": lambda: ViT(dim=16, depth=2, heads=2)}[name]()
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_se_hardswish", "mobilenetv2_silu", "vit"])
+def test_oracle_on_zoo_architectures(tmp_path, name):
+    from detector.structure import Gate, Opaque
+
+    path = tmp_path / f"{name}.onnx"
+    _export(_zoo(name), path, (3, 32, 32))
+    clf = OnnxClassifier(path)
+    graph = _assert_oracle(clf, np.random.default_rng(0).random((2, 3, 32, 32), dtype=np.float32))
+    ops = clf.structure()
+    gates = [op for op in ops if isinstance(op, Gate)]
+    opaque = {op.op_type for op in ops if isinstance(op, Opaque)}
+    if name == "resnet18":
+        assert not gates and not opaque and graph.roots == [clf.input_name]
+    elif name == "vit":
+        # attention's q k^T and attn v are the only MatMuls of two data tensors; the head reads the class token
+        assert sum(isinstance(op, Opaque) and op.op_type == "MatMul" for op in ops) == 4
+        assert {"Transpose", "Concat", "Gather"} <= opaque
+        assert [p.kind for p in graph.pairs][-1] == "dense" and graph.pairs[-1].target_tensor == clf.output_name
+        tokens = [p for p in graph.pairs if p.kind == "dense" and len(p.src) == 65 * 16 * 64]
+        assert len(tokens) == 4  # fc1 and fc2 of each block, one copy of the weight per token
+    else:
+        producer = {op.output: op for op in ops}
+        # every gate's gate operand is a sigmoid (SE: of the squeezed branch; SiLU: of the main operand)
+        assert gates and all(producer[g.gate].op_type == "Sigmoid" for g in gates)
+        assert all(g.input != g.gate for g in gates)
+        assert not opaque and any(p.kind == "conv" and len(p.src) == p.dst.size for p in graph.pairs)
+
+
+def test_edge_budget_keeps_the_last_stages_up_to_the_logits(tmp_path):
+    path = tmp_path / "resnet18.onnx"
+    _export(_zoo("resnet18"), path, (3, 32, 32))
+    clf = OnnxClassifier(path)
+    full = InducedGraph.from_classifier(clf)
+    budget = InducedGraph.from_classifier(clf, max_edges=30_000)
+    assert full.start_op == 0 and full.n_static_edges > 30_000
+    assert 0 < budget.n_static_edges <= 30_000 and budget.start_op > 0
+    assert budget.pairs[-1].target_tensor == clf.output_name == full.pairs[-1].target_tensor
+    assert clf.input_name not in budget.roots and set(budget.roots) <= set(budget.required_tensors)
+    assert budget.coverage[budget.roots[0]] == "induced graph (root)"
+    assert "outside the edge budget" in budget.coverage.values()
+    x = np.random.default_rng(6).random((3, 3, 32, 32), dtype=np.float32)
+    _assert_oracle(clf, x, max_edges=30_000)
+    _assert_forest_matches_edges(path, x, max_edges=30_000)
+
+
+@pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn"])
+def test_default_budget_keeps_the_whole_graph_of_small_models(demo_models, digits_split_arrays, name):
+    from detector.graph_features import InducedGraphFeatures
+    from detector.induced_graph import DEFAULT_MAX_EDGES
+
+    graph, capture = _graph_and_capture(demo_models / f"{name}.onnx", digits_split_arrays["x_test"][:4], DEFAULT_MAX_EDGES)
+    unbounded, _ = _graph_and_capture(demo_models / f"{name}.onnx", digits_split_arrays["x_test"][:1])
+    assert graph.start_op == 0 and graph.roots == ["input"] and graph.n_static_edges == unbounded.n_static_edges
+    a, b = InducedGraphFeatures(graph).transform(capture), InducedGraphFeatures(unbounded).transform(capture)
+    for block in ("persistence", "betti"):
+        np.testing.assert_array_equal(a[block], b[block])
