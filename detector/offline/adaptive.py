@@ -35,15 +35,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from detector.offline.attacks import round_to_grid
 from detector.offline.mirror import DetectorMirror
 from detector.pipeline import Detector
 
-__all__ = ["Budget", "Judge", "Outcome", "cw_l2_attack", "pgd_attack", "round_to_grid", "square_attack"]
-
-
-def round_to_grid(x: np.ndarray, levels: int = 255) -> np.ndarray:
-    """Pixels in [0, 1] rounded to the ``levels + 1`` values k / levels (8-bit by default), float32."""
-    return (np.round(np.clip(x, 0.0, 1.0) * levels) / levels).astype(np.float32)
+__all__ = ["Budget", "Judge", "Outcome", "cw_l2_attack", "pgd_attack", "square_attack"]
 
 
 @dataclass(frozen=True)
