@@ -5,7 +5,7 @@ statistics from a few random batches):
 
 - parameters and the model's own ONNX Runtime time (one thread, batch 1, median);
 - topology features time per input (median, p99) for each induced-graph edge budget (the last stages of
-  the network that fit it, see :mod:`detector.induced_graph`), and the edges and layers it covers;
+  the network that fit it, see :mod:`detector.topology.induced_graph`), and the edges and layers it covers;
 - for the 32x32 models, the p50 that detection adds in the served path (``Detector.detect`` of one input,
   ONNX Runtime one thread, minus the model's own ORT time: capturing the hidden tensors counts as added),
   the median of each stage, and calibration seconds and peak RSS of a calibration on ``--n-calib``
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_result  # noqa: E402
 from detector import load_dataset  # noqa: E402
 from detector.data import Dataset  # noqa: E402
-from detector.induced_graph import DEFAULT_MAX_EDGES, InducedGraph  # noqa: E402
+from detector.topology.induced_graph import DEFAULT_MAX_EDGES, InducedGraph  # noqa: E402
 
 ARCHS = {"resnet18": 32, "mobilenetv2": 32, "vit_tiny": 32, "resnet50": 224}
 BUDGETS = (100_000, 300_000, DEFAULT_MAX_EDGES, 3_000_000)
@@ -90,7 +90,7 @@ def _ort_ms(path: Path, x: np.ndarray, repeats: int) -> float:
 
 def _topology_ms(path: Path, x: np.ndarray, budget: int) -> tuple[float, float, int, int]:
     """Median and p99 ms of one input's features, and the graph's edges and pairs."""
-    from detector.graph_features import InducedGraphFeatures
+    from detector.topology.graph_features import InducedGraphFeatures
     from detector.model import OnnxClassifier
 
     clf = OnnxClassifier(path, capture=[], intra_op_threads=1)

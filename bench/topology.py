@@ -26,8 +26,8 @@ from sklearn.metrics import roc_auc_score
 from common import ROOT, digits_cnn, lenet5, mnist_splits, write_result  # noqa: E402  (puts ROOT on sys.path)
 
 from detector import Dataset, OnnxClassifier, load_dataset  # noqa: E402
-from detector.graph_features import InducedGraphFeatures  # noqa: E402
-from detector.induced_graph import InducedGraph  # noqa: E402
+from detector.topology.graph_features import InducedGraphFeatures  # noqa: E402
+from detector.topology.induced_graph import InducedGraph  # noqa: E402
 from detector.scorers.topology import InducedPersistenceScorer  # noqa: E402
 
 N_TIMED = 1000

@@ -5,7 +5,7 @@ from detector.data import Dataset, digits_split, load_dataset, read_idx
 from detector.errors import AdvDetectError, BaselineError, DataError, InvalidInput, ModelError, NotReady
 from detector.model import LayerInfo, OnnxClassifier, file_sha256
 from detector.pipeline import STAGES, Detection, DetectionBatch, Detector
-from detector.structure import extract_structure
+from detector.topology.structure import extract_structure
 
 __version__ = "0.1.0"
 

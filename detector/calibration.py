@@ -49,12 +49,12 @@ from detector.conformal import ConformalCalibrator, Fusion, split_held_out
 from detector.data import Dataset
 from detector.errors import DataError
 from detector.fusion_choice import FusionChoice, choose_fusion
-from detector.graph_features import InducedGraphFeatures
-from detector.induced_graph import DEFAULT_MAX_EDGES, InducedGraph
+from detector.topology.graph_features import InducedGraphFeatures
+from detector.topology.induced_graph import DEFAULT_MAX_EDGES, InducedGraph
 from detector.introspection import IntrospectionScorer
 from detector.manifest import DataInfo, FlagRule, Manifest, ModelInfo, ScorerEntry, Threshold
 from detector.model import OnnxClassifier
-from detector.population import PopulationMonitor
+from detector.topology.population import PopulationMonitor
 from detector.report import write_report
 from detector.scorers.base import Scorer
 from detector.scorers.layerwise import LayerwiseKNNScorer, LayerwiseMahalanobisScorer
@@ -102,7 +102,7 @@ class CalibrationConfig(BaseModel):
         Induced-graph edges kept per layer pair (1 = exact).
     max_edges : int
         Edge budget of the induced graph: the last stages of the network that fit it (the whole graph when
-        it fits, as for LeNet-5; see :mod:`detector.induced_graph`).
+        it fits, as for LeNet-5; see :mod:`detector.topology.induced_graph`).
     latent_dim : int
         Introspection VAE latent size used for scoring (8: measured better than 2 on digits; the report's
         activation-space map gets a 2-D model of its own when this is not 2).

@@ -18,7 +18,7 @@ __all__ = ["main"]
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from detector.induced_graph import InducedGraph
+    from detector.topology.induced_graph import InducedGraph
     from detector.model import OnnxClassifier
 
     model = OnnxClassifier(args.model)
@@ -176,7 +176,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from detector.induced_graph import DEFAULT_MAX_EDGES
+    from detector.topology.induced_graph import DEFAULT_MAX_EDGES
     parser = argparse.ArgumentParser(prog="advdetect", description="Adversarial-input detection for ONNX classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -19,7 +19,7 @@ import onnxruntime as ort
 
 from detector.capture import Capture
 from detector.errors import InvalidInput, ModelError
-from detector.structure import ACTIVATION_OPS, Op, ResidualAdd, extract_structure
+from detector.topology.structure import ACTIVATION_OPS, Op, ResidualAdd, extract_structure
 
 __all__ = ["LayerInfo", "OnnxClassifier", "file_sha256", "session_options"]
 
@@ -152,7 +152,7 @@ class OnnxClassifier:
         return names
 
     def structure(self) -> list[Op]:
-        """The layered structure (weights, strides, pads, ...) of the graph; see :mod:`detector.structure`."""
+        """The layered structure (weights, strides, pads, ...) of the graph; see :mod:`detector.topology.structure`."""
         return extract_structure(self.model_)
 
     # -- capture -----------------------------------------------------------------------------------

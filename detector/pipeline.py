@@ -24,7 +24,7 @@ from detector.conformal import FUSION_METHODS, CalibratorStack, ConformalCalibra
 from detector.errors import BaselineError, InvalidInput
 from detector.manifest import FlagRule, Manifest
 from detector.model import OnnxClassifier
-from detector.population import PopulationMonitor
+from detector.topology.population import PopulationMonitor
 from detector.scorers.base import Scorer, ScorerContext
 from detector.scorers.registry import SCORER_KINDS, STAGE_OF_KIND
 from detector.squeeze import run_with_squeezers

@@ -1,18 +1,18 @@
 """Differentiable induced-graph topology features (persistence and Betti density), for adaptive attacks only.
 
-The per-input features of :class:`detector.graph_features.InducedGraphFeatures` are piecewise smooth in
+The per-input features of :class:`detector.topology.graph_features.InducedGraphFeatures` are piecewise smooth in
 the activations: once the maximum spanning forest (MSF) of the induced graph is fixed, every H0 death is
 the weight phi(u, v) = |w_{u->v} h_u| of one forest edge, a differentiable function of the input through
 h_u. :class:`TopologyMirror` therefore
 
 1. recomputes the forest of the current iterate with the serving kernel
-   (:class:`detector.induced_forest.InducedForest`, on the detached activations), which returns the
+   (:class:`detector.topology.induced_forest.InducedForest`, on the detached activations), which returns the
    forest's edges, and
 2. re-weighs exactly those edges in torch, so that gradients flow through the selected edges (the
    forest choice itself is treated as locally constant: a BPDA-style step, Athalye et al. 2018).
 
 Persistence summaries (quantiles, p-norm, persistent entropy, merged fraction, per layer pair) are then
-the same formulas as :func:`detector.persistence.h0_features_by_group`, in torch.
+the same formulas as :func:`detector.topology.persistence.h0_features_by_group`, in torch.
 
 The Betti-density signature counts forest deaths above a cut c(rho), the k-th largest edge weight
 (k = ceil(rho m)): beta0(rho) = |V| - M(rho), beta1(rho) = |E_rho| - M(rho), M(rho) = #{d_i >= c(rho)}.
@@ -35,9 +35,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from detector.betti import strongest_cuts
+from detector.topology.betti import strongest_cuts
 from detector.capture import Capture
-from detector.graph_features import InducedGraphFeatures
+from detector.topology.graph_features import InducedGraphFeatures
 
 __all__ = ["TopologyMirror", "straight_through"]
 
@@ -155,7 +155,7 @@ class TopologyMirror:
         return _scatter(len(merge_pair), parts)
 
     def _summaries(self, deaths: torch.Tensor, group: np.ndarray) -> torch.Tensor:
-        """Rows of :func:`detector.persistence.h0_features_by_group` in torch: whole diagram, then each pair."""
+        """Rows of :func:`detector.topology.persistence.h0_features_by_group` in torch: whole diagram, then each pair."""
         q = torch.as_tensor(self.features.quantiles, dtype=torch.float64)
         p = self.features.p
         d_all = deaths.to(torch.float64)

@@ -1,6 +1,6 @@
 """Topological scorers: induced-graph persistence (Gebhart et al.) and Betti-density signatures (Corneanu et al.).
 
-Both compute features of each input's induced graph (:class:`~detector.graph_features.InducedGraphFeatures`)
+Both compute features of each input's induced graph (:class:`~detector.topology.graph_features.InducedGraphFeatures`)
 and score them with a class-conditional Gaussian (:class:`~detector.gaussian.ClassConditionalGaussian`)
 conditioned on the class the model *predicted*: an adversarial input is judged against the clean inputs
 of the class it claims to be. Features are compressed with log1p before the Gaussian (persistence values
@@ -16,8 +16,8 @@ import numpy as np
 from detector.capture import Capture
 from detector.errors import InvalidInput
 from detector.gaussian import ClassConditionalGaussian
-from detector.graph_features import InducedGraphFeatures
-from detector.induced_graph import InducedGraph
+from detector.topology.graph_features import InducedGraphFeatures
+from detector.topology.induced_graph import InducedGraph
 from detector.scorers.base import Scorer, ScorerContext
 
 __all__ = ["InducedPersistenceScorer", "BettiDensityScorer"]

@@ -11,7 +11,7 @@ from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 from sklearn.datasets import load_digits
 
-from detector.betti import (
+from detector.topology.betti import (
     strongest_cuts,
     DEFAULT_DENSITIES,
     DEFAULT_NODE_BUDGET,
@@ -25,7 +25,7 @@ from detector.betti import (
     population_betti_curves,
 )
 from detector.errors import BaselineError, InvalidInput, NotReady
-from detector.persistence import h0_persistence
+from detector.topology.persistence import h0_persistence
 
 
 # --------------------------------------------------------------------------------------------------

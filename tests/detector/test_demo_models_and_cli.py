@@ -74,5 +74,5 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path):
 
 
 def test_library_imports_without_torch():
-    code = "import sys, detector, detector.model, detector.data, detector.structure; assert 'torch' not in sys.modules"
+    code = "import sys, detector, detector.model, detector.data, detector.topology.structure; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

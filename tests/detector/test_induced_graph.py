@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from detector import OnnxClassifier
-from detector.induced_graph import InducedGraph
+from detector.topology.induced_graph import InducedGraph
 
 
 class StridedNet(nn.Module):
@@ -147,8 +147,8 @@ def test_edge_counts_and_weights(demo_models, digits_split_arrays):
 
 
 def _assert_forest_matches_edges(path, x: np.ndarray, *, reference: str = "kruskal", max_edges: int | None = None) -> None:
-    from detector.induced_forest import InducedForest
-    from detector.persistence import h0_persistence, h0_persistence_ripser
+    from detector.topology.induced_forest import InducedForest
+    from detector.topology.persistence import h0_persistence, h0_persistence_ripser
 
     graph, capture = _graph_and_capture(path, x, max_edges)
     forest = InducedForest(graph)
@@ -205,7 +205,7 @@ def test_forest_matches_the_full_graph_on_demo_models(demo_models, digits_split_
 
 
 def test_features_fast_path_equals_the_edge_list_path(demo_models, digits_split_arrays):
-    from detector.graph_features import InducedGraphFeatures
+    from detector.topology.graph_features import InducedGraphFeatures
 
     graph, capture = _graph_and_capture(demo_models / "digits_cnn.onnx", digits_split_arrays["x_test"][:5])
     fast = InducedGraphFeatures(graph)
@@ -232,7 +232,7 @@ def _zoo(name: str) -> nn.Module:
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_se_hardswish", "mobilenetv2_silu", "vit"])
 def test_oracle_on_zoo_architectures(tmp_path, name):
-    from detector.structure import Gate, Opaque
+    from detector.topology.structure import Gate, Opaque
 
     path = tmp_path / f"{name}.onnx"
     _export(_zoo(name), path, (3, 32, 32))
@@ -277,8 +277,8 @@ def test_edge_budget_keeps_the_last_stages_up_to_the_logits(tmp_path):
 
 @pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn"])
 def test_default_budget_keeps_the_whole_graph_of_small_models(demo_models, digits_split_arrays, name):
-    from detector.graph_features import InducedGraphFeatures
-    from detector.induced_graph import DEFAULT_MAX_EDGES
+    from detector.topology.graph_features import InducedGraphFeatures
+    from detector.topology.induced_graph import DEFAULT_MAX_EDGES
 
     graph, capture = _graph_and_capture(demo_models / f"{name}.onnx", digits_split_arrays["x_test"][:4], DEFAULT_MAX_EDGES)
     unbounded, _ = _graph_and_capture(demo_models / f"{name}.onnx", digits_split_arrays["x_test"][:1])

@@ -9,9 +9,9 @@ import pytest
 from scipy.sparse import csr_matrix
 from scipy.sparse.csgraph import connected_components
 
-from detector import persistence
+from detector.topology import persistence
 from detector.errors import InvalidInput
-from detector.persistence import (
+from detector.topology.persistence import (
     DEFAULT_QUANTILES,
     H0Diagram,
     h0_feature_names,
@@ -342,7 +342,7 @@ def test_feature_arguments_are_validated() -> None:
 
 @pytest.mark.parametrize("name", ["digits_mlp", "digits_cnn"])
 def test_fast_path_matches_ripser_on_real_induced_graphs(demo_models, digits_split_arrays, name: str) -> None:
-    from detector.induced_graph import InducedGraph
+    from detector.topology.induced_graph import InducedGraph
     from detector.model import OnnxClassifier
 
     structure = InducedGraph.from_classifier(OnnxClassifier(demo_models / f"{name}.onnx"))

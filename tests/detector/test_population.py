@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from detector import InvalidInput, NotReady, OnnxClassifier, load_dataset
-from detector.population import PopulationMonitor
+from detector.topology.population import PopulationMonitor
 
 
 @pytest.fixture(scope="module")

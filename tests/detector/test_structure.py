@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from detector import OnnxClassifier
-from detector.reference_ops import apply_op
-from detector.structure import AvgPool, BatchNorm, Conv, Dense, GlobalAvgPool, MaxPool, Opaque, ResidualAdd, extract_structure
+from detector.topology.reference_ops import apply_op
+from detector.topology.structure import AvgPool, BatchNorm, Conv, Dense, GlobalAvgPool, MaxPool, Opaque, ResidualAdd, extract_structure
 
 
 class Residual(nn.Module):

@@ -9,8 +9,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from detector import NotReady, OnnxClassifier
-from detector.graph_features import InducedGraphFeatures
-from detector.induced_graph import InducedGraph
+from detector.topology.graph_features import InducedGraphFeatures
+from detector.topology.induced_graph import InducedGraph
 from detector.scorers import ScorerContext
 from detector.scorers.topology import BettiDensityScorer, InducedPersistenceScorer
 

@@ -3,13 +3,13 @@
 For each input of a :class:`~detector.capture.Capture`:
 
 1. compute the H0 diagram of its induced graph under the superlevel filtration: for the full graph with
-   :class:`detector.induced_forest.InducedForest` (block by block, without listing the edges); with top-q
-   sparsification by weighing the kept edges (:meth:`detector.induced_graph.InducedGraph.edges`) and
-   :func:`detector.persistence.h0_persistence`;
-2. summarise it (:func:`detector.persistence.h0_features_by_group`) for the whole graph and for each layer pair, the
+   :class:`detector.topology.induced_forest.InducedForest` (block by block, without listing the edges); with top-q
+   sparsification by weighing the kept edges (:meth:`detector.topology.induced_graph.InducedGraph.edges`) and
+   :func:`detector.topology.persistence.h0_persistence`;
+2. summarise it (:func:`detector.topology.persistence.h0_features_by_group`) for the whole graph and for each layer pair, the
    pair's part being the persistent-subgraph (maximum spanning forest) edges that lie in that pair;
 3. read the Betti-density signature beta0(rho), beta1(rho) off the same diagram and the edge weights
-   (:func:`detector.betti.betti_signature_from_weights`).
+   (:func:`detector.topology.betti.betti_signature_from_weights`).
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from typing import Sequence
 
 import numpy as np
 
-from detector.betti import DEFAULT_DENSITIES, betti_signature_from_weights, check_densities
+from detector.topology.betti import DEFAULT_DENSITIES, betti_signature_from_weights, check_densities
 from detector.capture import Capture
-from detector.induced_forest import InducedForest
-from detector.induced_graph import InducedGraph
-from detector.persistence import (
+from detector.topology.induced_forest import InducedForest
+from detector.topology.induced_graph import InducedGraph
+from detector.topology.persistence import (
     DEFAULT_QUANTILES,
     h0_feature_names,
     h0_features_by_group,
@@ -43,9 +43,9 @@ class InducedGraphFeatures:
         The classifier's static induced-graph structure.
     top_q : float in (0, 1], default 1.0
         Fraction of edges kept per layer pair (strongest first); 1.0 is the exact full graph.
-    densities : array-like, default :data:`detector.betti.DEFAULT_DENSITIES`
+    densities : array-like, default :data:`detector.topology.betti.DEFAULT_DENSITIES`
         Density grid of the Betti signature.
-    quantiles : sequence of float, default :data:`detector.persistence.DEFAULT_QUANTILES`
+    quantiles : sequence of float, default :data:`detector.topology.persistence.DEFAULT_QUANTILES`
     p : float, default 2.0
         Order of the total-persistence norm.
 

@@ -1,4 +1,4 @@
-"""NumPy re-implementation of every :mod:`detector.structure` op.
+"""NumPy re-implementation of every :mod:`detector.topology.structure` op.
 
 It is the oracle that proves the structure reader understood each layer (the tests compare it with ONNX
 Runtime's output of the same layer), and it documents, in executable form, which input unit feeds which
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from detector.structure import (
+from detector.topology.structure import (
     Activation,
     AvgPool,
     BatchNorm,

@@ -13,12 +13,12 @@ where h_u is the value of the source unit for this input and w_{u->v} the parame
 - AveragePool: each input of the window, w = 1/k (k = cells counted by the op); GlobalAveragePool: w = 1/(H W);
 - residual Add: identity edges (w = 1) from both summands;
 - Flatten / Reshape / element-wise activations: no new layer, the units are the same;
-- a gate (:class:`~detector.structure.Gate`: squeeze-and-excitation, SiLU, decomposed GELU) or a
+- a gate (:class:`~detector.topology.structure.Gate`: squeeze-and-excitation, SiLU, decomposed GELU) or a
   BatchNorm/LayerNorm that no Dense/Conv precedes: no new layer, the units are those of the main operand,
   and the next layer's edges carry the gated (normalised) values: the input's gate is folded into the
   next weights;
 - a Dense over a tensor of tokens (MatMul of (N, T, D) by a (D, F) weight): one copy of the weight per token;
-- an op without a unit map (:class:`~detector.structure.Opaque`: attention's token mixing, Transpose,
+- an op without a unit map (:class:`~detector.topology.structure.Opaque`: attention's token mixing, Transpose,
   Concat, Pad, ...): its output, when a later op reads it, is a *root* layer with no in-edges whose
   values come from the capture, as the graph input's do.
 
@@ -42,8 +42,8 @@ import numpy as np
 
 from detector.capture import Capture
 from detector.errors import ModelError
-from detector.reference_ops import conv_windows
-from detector.structure import (
+from detector.topology.reference_ops import conv_windows
+from detector.topology.structure import (
     Activation,
     AvgPool,
     BatchNorm,
@@ -120,7 +120,7 @@ class InducedGraph:
     Parameters
     ----------
     ops : list of Op
-        From :func:`detector.structure.extract_structure`, in graph order.
+        From :func:`detector.topology.structure.extract_structure`, in graph order.
     shapes : dict of str to tuple of int
         Per-sample shape of every tensor the ops read or write (batch axis excluded).
     input_name : str

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from detector.betti import DEFAULT_POPULATION_DENSITIES, NodeSelector, population_signature
+from detector.topology.betti import DEFAULT_POPULATION_DENSITIES, NodeSelector, population_signature
 from detector.errors import InvalidInput, NotReady
 
 __all__ = ["PopulationMonitor"]
@@ -42,7 +42,7 @@ class PopulationMonitor:
     n_windows : int
         Clean windows drawn (with replacement across windows) at calibration.
     node_budget : int
-        Nodes of the functional graph (:class:`~detector.betti.NodeSelector`).
+        Nodes of the functional graph (:class:`~detector.topology.betti.NodeSelector`).
     densities : sequence of float
         Graph densities of the curves.
     max_dim : int

@@ -1,7 +1,7 @@
 """The maximum spanning forest of one input's induced graph, computed block by block.
 
 The per-input topology features need two things of the induced graph G of an input
-(:mod:`detector.induced_graph`, weights phi(u, v) = |w_{u->v} h_u|): its H0 diagram under the
+(:mod:`detector.topology.induced_graph`, weights phi(u, v) = |w_{u->v} h_u|): its H0 diagram under the
 superlevel filtration, i.e. the weights of a maximum spanning forest (MSF), and the weights of all
 its edges (for the Betti-density cuts). Listing all edges and sorting them costs O(m log m) with
 m ~ 3 * 10^5 for LeNet-5; this module reaches the same diagram while sorting ~5% of them.
@@ -46,8 +46,8 @@ import numba
 import numpy as np
 
 from detector.capture import Capture
-from detector.induced_graph import InducedGraph
-from detector.persistence import H0Diagram, forest_edges
+from detector.topology.induced_graph import InducedGraph
+from detector.topology.persistence import H0Diagram, forest_edges
 
 __all__ = ["ForestOfInput", "InducedForest"]
 
@@ -403,7 +403,7 @@ class InducedForest:
 
     Notes
     -----
-    Equal to :meth:`InducedGraph.edges` followed by :func:`detector.persistence.h0_persistence`
+    Equal to :meth:`InducedGraph.edges` followed by :func:`detector.topology.persistence.h0_persistence`
     (same deaths, same number of components, same weights multiset; tested on real models, ties
     included). With tied weights, which of the equally heavy edges is reported as merging, and so
     the layer pair it counts for, may differ.

@@ -9,7 +9,7 @@ Per input (:func:`betti_density_signature`)
     The graph is the induced graph of one input (Gebhart et al., weights |w_{u->v} h_u|). It is
     layered: edges only join consecutive layers, so it has no triangles and its clique complex is
     the graph itself. Then beta0 = number of components and beta1 = |E| - |V| + beta0 (the cycle
-    rank), and beta0 comes for free from the H0 diagram of :mod:`detector.persistence`.
+    rank), and beta0 comes for free from the H0 diagram of :mod:`detector.topology.persistence`.
 
 Per population (:class:`NodeSelector`, :func:`correlation_distance`, :func:`population_betti_curves`)
     The *functional* graph of a set of inputs (a class of clean calibration data, or a window of
@@ -26,7 +26,7 @@ import numba
 import numpy as np
 
 from detector.errors import BaselineError, InvalidInput, NotReady
-from detector.persistence import H0Diagram, check_graph, h0_persistence
+from detector.topology.persistence import H0Diagram, check_graph, h0_persistence
 
 __all__ = [
     "DEFAULT_DENSITIES",
@@ -105,7 +105,7 @@ def betti_density_signature(
     densities : array-like of shape (n_densities,), values in (0, 1], default DEFAULT_DENSITIES
         Fractions rho of the non-zero edges to keep, strongest first.
     diagram : H0Diagram, optional
-        The graph's H0 diagram if already computed (:func:`detector.persistence.h0_persistence`);
+        The graph's H0 diagram if already computed (:func:`detector.topology.persistence.h0_persistence`);
         it must belong to this very graph. Computed when omitted.
 
     Returns
