@@ -187,16 +187,25 @@ def _mahalanobis(scorer: Any, context: _MirrorContext) -> ScoreMirror:
     return run
 
 
-def _knn(scorer: Any, context: _MirrorContext) -> ScoreMirror:
-    """Distance of the L2-normalised features to their k-th nearest clean reference."""
-    reference, k, layer = _tensor(scorer.reference_), int(scorer.k), scorer.layer_
-    reference_sq = (reference * reference).sum(dim=1)
+def _normalised_sq_distances(reference: np.ndarray) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``f -> ||u - r||^2`` (n, n_references) for u = f / ||f|| (f = 0 kept) and the given normalised references."""
+    ref = _tensor(reference)
+    ref_sq = (ref * ref).sum(dim=1)
 
-    def run(p: MirrorPass) -> dict[str, torch.Tensor]:
-        f = _channel_features(p.activations[layer]).to(torch.float64)
+    def sq_distances(f: torch.Tensor) -> torch.Tensor:
         norm = f.norm(dim=1, keepdim=True)
         u = f / torch.where(norm > 0, norm, torch.ones_like(norm))
-        sq = (u * u).sum(dim=1, keepdim=True) + reference_sq - 2.0 * (u @ reference.T)
+        return (u * u).sum(dim=1, keepdim=True) + ref_sq - 2.0 * (u @ ref.T)
+
+    return sq_distances
+
+
+def _knn(scorer: Any, context: _MirrorContext) -> ScoreMirror:
+    """Distance of the L2-normalised features to their k-th nearest clean reference."""
+    sq_distances, k, layer = _normalised_sq_distances(scorer.reference_), int(scorer.k), scorer.layer_
+
+    def run(p: MirrorPass) -> dict[str, torch.Tensor]:
+        sq = sq_distances(_channel_features(p.activations[layer]).to(torch.float64))
         return {"knn": torch.sqrt(torch.clamp(sq.kthvalue(k, dim=1).values, min=1e-24))}
 
     return run
@@ -275,14 +284,10 @@ def _feature_squeezing(scorer: Any, context: _MirrorContext) -> ScoreMirror:
 def _layerwise_knn_statistic(model: tuple[np.ndarray, np.ndarray], k: int) -> Callable[[torch.Tensor, np.ndarray], torch.Tensor]:
     """Distance of normalised features to their k-th nearest reference of the predicted class (its farthest when
     it has fewer than k; 2 when it has none), as :class:`~detector.scorers.layerwise.LayerwiseKNNScorer`."""
-    reference, labels = _tensor(model[0]), model[1]
-    reference_sq = (reference * reference).sum(dim=1)
+    sq_distances, labels = _normalised_sq_distances(model[0]), model[1]
 
     def statistic(f: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
-        norm = f.norm(dim=1, keepdim=True)
-        u = f / torch.where(norm > 0, norm, torch.ones_like(norm))
-        sq = (u * u).sum(dim=1, keepdim=True) + reference_sq - 2.0 * (u @ reference.T)
-        sq = sq.masked_fill(torch.from_numpy(labels[None, :] != classes[:, None]), float("inf"))
+        sq = sq_distances(f).masked_fill(torch.from_numpy(labels[None, :] != classes[:, None]), float("inf"))
         counts = np.bincount(labels, minlength=int(classes.max(initial=0)) + 1)[classes]
         kth = torch.from_numpy(np.minimum(k, np.maximum(counts, 1)) - 1)[:, None]
         d = sq.sort(dim=1).values.gather(1, kth)[:, 0]
