@@ -21,7 +21,7 @@ from detector.capture import Capture
 from detector.errors import InvalidInput, ModelError
 from detector.topology.structure import ACTIVATION_OPS, Op, ResidualAdd, extract_structure
 
-__all__ = ["LayerInfo", "OnnxClassifier", "file_sha256", "session_options"]
+__all__ = ["LayerInfo", "OnnxClassifier", "file_sha256", "load_onnx", "session_options"]
 
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16}
 
@@ -99,7 +99,7 @@ class OnnxClassifier:
 
     def __init__(self, path: str | os.PathLike[str], capture: Sequence[str] | None = None, intra_op_threads: int = 0):
         self.path = Path(path)
-        self.model_ = _load_onnx(self.path)
+        self.model_ = load_onnx(self.path)
         self.sha256 = file_sha256(self.path)
         graph = self.model_.graph
         inits = {i.name for i in graph.initializer}
@@ -220,7 +220,8 @@ class OnnxClassifier:
         return Capture.concatenate([self.run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def _load_onnx(path: Path) -> onnx.ModelProto:
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """The checked ONNX model at ``path``; :class:`ModelError` (one line) when it is missing or not ONNX."""
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     try:
