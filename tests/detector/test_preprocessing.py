@@ -15,6 +15,8 @@ from detector.data import load_dataset
 from detector.errors import DataError, ModelError
 from detector.model import OnnxClassifier
 from detector.preprocessing import Preprocessing, add_normalization, read_image_folder
+from detector.topology.graph_features import InducedGraphFeatures
+from detector.topology.induced_graph import InducedGraph
 
 
 def _write_folder(root: Path, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -92,7 +94,16 @@ def test_normalisation_written_into_the_model_matches_normalising_the_input(demo
     original, normalised = OnnxClassifier(model), OnnxClassifier(copy)
     assert normalised.input_name == original.input_name
     assert normalised.default_capture() == original.default_capture()
-    assert len(normalised.structure()) >= len(original.structure())  # the structure reader takes Sub and Div
+    # The induced graph starts from the normalised tensor: the topology features of the copy on pixels are
+    # those of the original model on normalised pixels.
+    features = []
+    for classifier, inputs in ((original, (x[:5] - 0.5) / 0.25), (normalised, x[:5])):
+        graph = InducedGraph.from_classifier(classifier)
+        classifier.set_capture(graph.required_tensors)
+        features.append(InducedGraphFeatures(graph).transform(classifier.run(inputs)))
+    assert features[1]["persistence"].any()
+    for name in features[0]:
+        np.testing.assert_array_equal(features[1][name], features[0][name])
 
     with pytest.raises(ModelError, match="one value per input channel"):
         add_normalization(model, (0.5, 0.5, 0.5), (0.25,), tmp_path / "bad.onnx")
