@@ -189,6 +189,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="server worker threads per process")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="server processes (default: cores)")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
     rows, paired = [], {}
     prepared = _prepare()
     for name, (model, baseline, inputs) in prepared.items():
@@ -210,7 +211,8 @@ def main() -> None:
     lines = ["# Load benchmark", "",
              f"`bench/load.py --seconds {args.seconds:g} --callers {args.callers} --workers {args.workers} "
              f"--processes {args.processes}` on "
-             f"{platform.machine()}, {os.cpu_count()} cores (client and server share them), Python "
+             f"{platform.machine()}, {os.cpu_count()} cores (client and server share them; load average "
+             f"{load_at_start:.1f} at the start: above 0.5, other jobs shared the machine), Python "
              f"{platform.python_version()}. Single-input Open Inference Protocol requests, closed loop.", "",
              "| model | callers | detection | requests | errors | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|---|"]
     for name, callers, on, off in rows:
