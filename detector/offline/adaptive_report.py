@@ -279,25 +279,32 @@ def adaptive_markdown(table: dict, command: str = "") -> str:
 
 
 def _goal(table: dict) -> list[str]:
-    """Issue 18's goal and the L2 needed for half of the inputs to evade."""
+    """Issue 18's goal, judged on the strongest attack measured (an attacker runs the plain attacks too), and
+    qualified when a sanity check fails (the adaptive attack is then weaker than it should be)."""
     fprs = [f"{f:g}" for f in table["fprs"]]
     target = f"{TARGET_FPR:g}"
+    checks = table["checks"]
+    caveat = "" if checks["adaptive_at_least_plain"] and checks["unbounded_full_evasion"] else \
+        " (a sanity check fails: a stronger attack may do better)"
     row = next((r for r in table["rows"] if r["family"].startswith("L-inf foreground")
                 and r["budget"] == f"eps={TARGET_EPS:g}"), None)
     lines = ["## Goal (issue 18)", ""]
     if row is not None and target in fprs:
         share = _flagged_share(row["adaptive"], target)
+        verdict = "not measured (nothing misclassified)" if np.isnan(share) else \
+            "met" if share >= TARGET_FLAGGED else "not met"
         lines.append(f"- Strongest adaptive attack, L-inf eps {TARGET_EPS:g} on the foreground: {share:.2f} of the "
                      f"misclassified inputs still flagged at {TARGET_FPR:.0%} FPR (goal >= {TARGET_FLAGGED}): "
-                     f"**{'not measured (nothing misclassified)' if np.isnan(share) else 'met' if share >= TARGET_FLAGGED else 'not met'}**.")
+                     f"**{verdict}**{caveat if verdict == 'met' else ''}.")
     median = table["median_cw_l2"]
     for f in fprs:
-        half = table["l2_at_half_evasion"]["adaptive"][f]
+        plain, adaptive = (table["l2_at_half_evasion"][side][f] for side in ("plain", "adaptive"))
+        half = min(plain, adaptive)
         verdict = "met" if half >= TARGET_L2_MULTIPLE * median else "not met"
-        lines.append(f"- L2 at which the adaptive attack evades on half of the inputs at {float(f):.0%} FPR: "
-                     f"{half:.3f} = {half / median:.2f} x the median L2 of plain CW-L2 ({median:.3f}); goal >= "
-                     f"{TARGET_L2_MULTIPLE:g} x: **{verdict}** (plain attacks: "
-                     f"{table['l2_at_half_evasion']['plain'][f]:.3f}).")
+        lines.append(f"- L2 at which the strongest attack (plain {plain:.3f}, adaptive {adaptive:.3f}) evades on half "
+                     f"of the inputs at {float(f):.0%} FPR: {half:.3f} = {half / median:.2f} x the median L2 of plain "
+                     f"CW-L2 ({median:.3f}); goal >= {TARGET_L2_MULTIPLE:g} x: **{verdict}**"
+                     f"{caveat if verdict == 'met' else ''}.")
     return lines
 
 
