@@ -27,7 +27,7 @@ Run: ``make bench`` or ``.venv/bin/python bench/quality.py [digits_cnn] [lenet5]
 
 ``--adaptive`` runs, after the same calibration, the adaptive attacks of issue 18 instead
 (:mod:`detector.offline.adaptive_report`, defaults of its ``AdaptiveConfig``) and writes
-``bench/results/adaptive-<model>.md``, ``.json`` and ``.png`` (about an hour for LeNet-5 on a shared 2-core machine).
+``bench/results/adaptive-<model>.md``, ``.json`` and ``.png`` (77 minutes for LeNet-5 on a shared 2-core machine).
 """
 
 from __future__ import annotations
