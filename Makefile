@@ -49,7 +49,7 @@ bench: $(STAMP)
 	$(PY) bench/load.py
 	$(PY) bench/hostile.py
 	$(PY) bench/scale.py
-	$(PY) bench/adaptive.py
+	$(PY) bench/quality.py --adaptive lenet5
 
 clean:
 	rm -rf $(BUILD) .pytest_cache
