@@ -9,8 +9,12 @@ p-values of positives that calibration makes itself (attacks on its own split, o
   of a logistic regression of positive vs clean on ``-log p`` (scored by 2-fold cross-validation, so that it
   is not favoured by fitting and judging on the same inputs);
 
-and keeps the one with the highest mean AUROC over the positive sets (ties: higher mean TPR at 5 % FPR,
-then fewer members). The result says what was chosen, the tuning AUROCs, and the runner-up families, for
+and keeps the one with the best AUROC over the positive sets by ``criterion``: ``"worst"`` (default) ranks a
+candidate by its lowest AUROC over the sets, ``"mean"`` by their mean (ties: the other of the two, then higher
+mean TPR at 5 % FPR, then fewer members). Positive sets of different attack families (a high-confidence one
+such as FGSM, a minimum-perturbation one such as DeepFool) see different members at their best: the mean lets
+an easy set's 0.99 buy a hard set's loss, the worst case does not, so a statistic chosen by it holds on every
+family it was tuned on. The result says what was chosen, the tuning AUROCs, and the runner-up families, for
 the manifest.
 """
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Literal, Mapping, Sequence
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -28,7 +32,10 @@ from sklearn.model_selection import StratifiedKFold
 from detector.conformal import Fusion
 from detector.errors import InvalidInput
 
-__all__ = ["FusionChoice", "choose_fusion", "logistic_weights"]
+__all__ = ["CRITERIA", "FusionChoice", "choose_fusion", "logistic_weights"]
+
+#: How the tuning AUROCs of several positive sets rank a candidate: their minimum or their mean.
+CRITERIA = ("worst", "mean")
 
 
 @dataclass(frozen=True)
@@ -48,7 +55,10 @@ class FusionChoice:
     tpr_at_5 : dict of str to float
         Tuning TPR at 5 % FPR per positive set.
     alternatives : dict of str to float
-        Best mean tuning AUROC of each family tried (``fisher``, ``min``, ``weighted_fisher``, ``default``).
+        Best tuning AUROC (by ``criterion``) of each family tried (``fisher``, ``min``, ``weighted_fisher``,
+        ``default``).
+    criterion : {"worst", "mean"}
+        How the positive sets' AUROCs were ranked (:data:`CRITERIA`).
     """
 
     scores: list[str]
@@ -57,12 +67,14 @@ class FusionChoice:
     auroc: dict[str, float]
     tpr_at_5: dict[str, float]
     alternatives: dict[str, float] = field(default_factory=dict)
+    criterion: str = "worst"
 
     def reason(self) -> str:
         """One sentence for the manifest: what was chosen, on what, and against what."""
         tuned = ", ".join(f"{k} {v:.3f}" for k, v in self.auroc.items())
         others = ", ".join(f"{k} {v:.3f}" for k, v in self.alternatives.items())
-        return (f"highest mean AUROC on calibration-split positives ({tuned}); best of each family: {others}")
+        rank = "lowest" if self.criterion == "worst" and len(self.auroc) > 1 else "mean"
+        return (f"highest {rank} AUROC on calibration-split positives ({tuned}); best of each family: {others}")
 
 
 def _tpr_at(neg: np.ndarray, pos: np.ndarray, fpr: float) -> float:
@@ -109,8 +121,8 @@ def _cross_validated_weighted_fisher(clean: np.ndarray, positives: Mapping[str, 
 
 def choose_fusion(clean: Mapping[str, np.ndarray], positives: Mapping[str, Mapping[str, np.ndarray]],
                   candidates: Sequence[str], default: Sequence[str], max_members: int = 3,
-                  seed: int = 0) -> FusionChoice:
-    """Choose the fused statistic with the best mean AUROC of ``positives`` against ``clean``.
+                  seed: int = 0, criterion: Literal["worst", "mean"] = "worst") -> FusionChoice:
+    """Choose the fused statistic with the best AUROC of ``positives`` against ``clean`` (by ``criterion``).
 
     Parameters
     ----------
@@ -126,7 +138,12 @@ def choose_fusion(clean: Mapping[str, np.ndarray], positives: Mapping[str, Mappi
         Largest subset tried for ``fisher`` and ``min``.
     seed : int, default 0
         Seed of the cross-validation folds.
+    criterion : {"worst", "mean"}, default "worst"
+        Rank candidates by the lowest AUROC over the positive sets (then the mean), or by the mean (then the
+        lowest). The same with a single set.
     """
+    if criterion not in CRITERIA:
+        raise InvalidInput(f"criterion must be one of {CRITERIA}, got {criterion!r}")
     if not positives or any(len(next(iter(p.values()))) == 0 for p in positives.values()):
         raise InvalidInput("choose_fusion needs at least one non-empty set of positives")
     names = list(dict.fromkeys(candidates))
@@ -134,14 +151,16 @@ def choose_fusion(clean: Mapping[str, np.ndarray], positives: Mapping[str, Mappi
     def table(p: Mapping[str, np.ndarray], members: Sequence[str]) -> np.ndarray:
         return np.stack([p[m] for m in members], axis=1)
 
-    best: dict[str, tuple[tuple[float, float, int], FusionChoice]] = {}
+    best: dict[str, tuple[tuple[float, float, float, int], FusionChoice]] = {}
 
     def consider(family: str, members: list[str], method: str, weights: list[float] | None,
                  neg: np.ndarray, pos: dict[str, np.ndarray]) -> None:
         auroc, tpr = _judge(neg, pos)
-        key = (float(np.mean(list(auroc.values()))), float(np.mean(list(tpr.values()))), -len(members))
+        worst, mean = min(auroc.values()), float(np.mean(list(auroc.values())))
+        first, second = (worst, mean) if criterion == "worst" else (mean, worst)
+        key = (first, second, float(np.mean(list(tpr.values()))), -len(members))
         if family not in best or key > best[family][0]:
-            best[family] = (key, FusionChoice(members, method, weights, auroc, tpr))
+            best[family] = (key, FusionChoice(members, method, weights, auroc, tpr, criterion=criterion))
 
     for size in range(1, max_members + 1):
         for members in itertools.combinations(names, size):
@@ -159,4 +178,4 @@ def choose_fusion(clean: Mapping[str, np.ndarray], positives: Mapping[str, Mappi
     family = max(best, key=lambda f: best[f][0])
     chosen = best[family][1]
     return FusionChoice(chosen.scores, chosen.method, chosen.weights, chosen.auroc, chosen.tpr_at_5,
-                        {f: round(v[0][0], 4) for f, v in best.items()})
+                        {f: round(v[0][0], 4) for f, v in best.items()}, criterion)
