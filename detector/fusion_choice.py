@@ -9,9 +9,10 @@ p-values of positives that calibration makes itself (attacks on its own split, o
   of a logistic regression of positive vs clean on ``-log p`` (scored by 2-fold cross-validation, so that it
   is not favoured by fitting and judging on the same inputs);
 
-and keeps the one with the best AUROC over the positive sets by ``criterion``: ``"worst"`` (default) ranks a
-candidate by its lowest AUROC over the sets, ``"mean"`` by their mean (ties: the other of the two, then higher
-mean TPR at 5 % FPR, then fewer members). Positive sets of different attack families (a high-confidence one
+and keeps the one with the best AUROC over the positive sets by ``criterion``: ``"worst"`` (default) keeps
+the candidates whose lowest AUROC over the sets is within :data:`WORST_TOLERANCE` of the best lowest and takes
+the highest mean among them; ``"mean"`` takes the highest mean (ties: the lowest AUROC, then higher mean TPR
+at 5 % FPR, then fewer members). Positive sets of different attack families (a high-confidence one
 such as FGSM, a minimum-perturbation one such as DeepFool) see different members at their best: the mean lets
 an easy set's 0.99 buy a hard set's loss, the worst case does not, so a statistic chosen by it holds on every
 family it was tuned on. The result says what was chosen, the tuning AUROCs, and the runner-up families, for
@@ -32,10 +33,14 @@ from sklearn.model_selection import StratifiedKFold
 from detector.conformal import Fusion
 from detector.errors import InvalidInput
 
-__all__ = ["CRITERIA", "FusionChoice", "choose_fusion", "logistic_weights"]
+__all__ = ["CRITERIA", "FusionChoice", "WORST_TOLERANCE", "choose_fusion", "logistic_weights"]
 
 #: How the tuning AUROCs of several positive sets rank a candidate: their minimum or their mean.
 CRITERIA = ("worst", "mean")
+#: With ``criterion="worst"``, candidates whose lowest AUROC is within this of the best lowest are ranked by
+#: their mean: a gain on the hardest set smaller than the AUROC's noise (a few hundred positives) must not
+#: buy a loss on the others.
+WORST_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,8 @@ class FusionChoice:
     tpr_at_5 : dict of str to float
         Tuning TPR at 5 % FPR per positive set.
     alternatives : dict of str to float
-        Best tuning AUROC (by ``criterion``) of each family tried (``fisher``, ``min``, ``weighted_fisher``,
-        ``default``).
+        Best tuning AUROC of each family tried (``fisher``, ``min``, ``weighted_fisher``, ``default``): its
+        highest lowest AUROC over the sets (``criterion="worst"``) or its highest mean.
     criterion : {"worst", "mean"}
         How the positive sets' AUROCs were ranked (:data:`CRITERIA`).
     """
@@ -73,8 +78,9 @@ class FusionChoice:
         """One sentence for the manifest: what was chosen, on what, and against what."""
         tuned = ", ".join(f"{k} {v:.3f}" for k, v in self.auroc.items())
         others = ", ".join(f"{k} {v:.3f}" for k, v in self.alternatives.items())
-        rank = "lowest" if self.criterion == "worst" and len(self.auroc) > 1 else "mean"
-        return (f"highest {rank} AUROC on calibration-split positives ({tuned}); best of each family: {others}")
+        rank = (f"highest mean AUROC, lowest within {WORST_TOLERANCE} of the best lowest,"
+                if self.criterion == "worst" and len(self.auroc) > 1 else "highest mean AUROC")
+        return f"{rank} on calibration-split positives ({tuned}); best of each family: {others}"
 
 
 def _tpr_at(neg: np.ndarray, pos: np.ndarray, fpr: float) -> float:
@@ -139,8 +145,9 @@ def choose_fusion(clean: Mapping[str, np.ndarray], positives: Mapping[str, Mappi
     seed : int, default 0
         Seed of the cross-validation folds.
     criterion : {"worst", "mean"}, default "worst"
-        Rank candidates by the lowest AUROC over the positive sets (then the mean), or by the mean (then the
-        lowest). The same with a single set.
+        ``"worst"``: among the candidates whose lowest AUROC over the positive sets is within
+        :data:`WORST_TOLERANCE` of the best lowest, the highest mean; ``"mean"``: the highest mean. The same
+        with a single set.
     """
     if criterion not in CRITERIA:
         raise InvalidInput(f"criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -151,16 +158,14 @@ def choose_fusion(clean: Mapping[str, np.ndarray], positives: Mapping[str, Mappi
     def table(p: Mapping[str, np.ndarray], members: Sequence[str]) -> np.ndarray:
         return np.stack([p[m] for m in members], axis=1)
 
-    best: dict[str, tuple[tuple[float, float, float, int], FusionChoice]] = {}
+    tried: list[tuple[str, float, float, float, int, FusionChoice]] = []  # family, worst, mean, tpr, -members
 
     def consider(family: str, members: list[str], method: str, weights: list[float] | None,
                  neg: np.ndarray, pos: dict[str, np.ndarray]) -> None:
         auroc, tpr = _judge(neg, pos)
-        worst, mean = min(auroc.values()), float(np.mean(list(auroc.values())))
-        first, second = (worst, mean) if criterion == "worst" else (mean, worst)
-        key = (first, second, float(np.mean(list(tpr.values()))), -len(members))
-        if family not in best or key > best[family][0]:
-            best[family] = (key, FusionChoice(members, method, weights, auroc, tpr, criterion=criterion))
+        tried.append((family, min(auroc.values()), float(np.mean(list(auroc.values()))),
+                      float(np.mean(list(tpr.values()))), -len(members),
+                      FusionChoice(members, method, weights, auroc, tpr, criterion=criterion)))
 
     for size in range(1, max_members + 1):
         for members in itertools.combinations(names, size):
@@ -175,7 +180,13 @@ def choose_fusion(clean: Mapping[str, np.ndarray], positives: Mapping[str, Mappi
     kept = weights > 0  # members the regression gave no weight are dropped
     consider("weighted_fisher", [n for n, k in zip(names, kept) if k], "fisher", [float(w) for w in weights[kept]],
              cv["clean"], {k: cv[k] for k in positives})
-    family = max(best, key=lambda f: best[f][0])
-    chosen = best[family][1]
-    return FusionChoice(chosen.scores, chosen.method, chosen.weights, chosen.auroc, chosen.tpr_at_5,
-                        {f: round(v[0][0], 4) for f, v in best.items()}, criterion)
+    primary = 1 if criterion == "worst" else 2
+    if criterion == "worst":  # the best mean among those whose lowest AUROC is near the best lowest
+        floor = max(t[1] for t in tried) - WORST_TOLERANCE
+        eligible = [t for t in tried if t[1] >= floor]
+    else:
+        eligible = tried
+    chosen = max(eligible, key=lambda t: (t[2], t[1], t[3], t[4]))[5]
+    alternatives = {f: round(max(t[primary] for t in tried if t[0] == f), 4) for f in dict.fromkeys(t[0] for t in tried)}
+    return FusionChoice(chosen.scores, chosen.method, chosen.weights, chosen.auroc, chosen.tpr_at_5, alternatives,
+                        criterion)
