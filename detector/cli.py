@@ -214,8 +214,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--latent-dim", type=int, default=8, help="introspection VAE latent size (default 8)")
     p.add_argument("--tuning-attacks", type=_names, default=None,
                    help="attacks made on calibration data to choose the adversarial fusion (default "
-                        "fgsm,fgsm_foreground,deepfool,fgsm_minimal_foreground: CalibrationConfig's; 'none': Fisher "
-                        "over the default members, no attack data)")
+                        "fgsm,fgsm_foreground: CalibrationConfig's; add deepfool,fgsm_minimal_foreground for "
+                        "boundary attacks; 'none': Fisher over the default members, no attack data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_calibrate)
 

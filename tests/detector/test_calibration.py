@@ -59,9 +59,7 @@ def test_clean_inputs_pass_and_noise_is_flagged(detector):
     noise_rate = np.mean(["adversarial" in d.flags for d in noisy.detections])
     # 5 % target: 360 clean inputs give a binomial standard deviation of 1.1 %; allow 3 sigma
     assert clean_rate <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / len(test)), clean_rate
-    # measured 0.34 (clean: 0.03); 0.66 with the fusion chosen on FGSM alone (induced persistence, introspection
-    # reconstruction, layer-wise Mahalanobis): the boundary-attack tuning put in the trust score, blind to noise
-    assert noise_rate > 0.25, noise_rate
+    assert noise_rate > 0.5, noise_rate  # measured 0.66 (clean: 0.02)
     flagged = [d for d in noisy.detections if "adversarial" in d.flags]
     assert all(d.flags["adversarial"] for d in flagged)  # every flag names its reasons
     assert set(clean.stage_seconds) == {"inference", "topology", "introspection", "peers", "fusion"}

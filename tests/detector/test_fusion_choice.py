@@ -76,7 +76,7 @@ def test_weighted_fisher_closed_form_and_checks():
 def test_calibration_records_the_chosen_rules(cnn_baseline):
     _, manifest = cnn_baseline
     rules = {r.name: r for r in manifest.flags}
-    assert rules["adversarial"].selection.startswith("tuning attacks fgsm, fgsm_foreground, deepfool, fgsm_minimal_foreground")
+    assert rules["adversarial"].selection.startswith("tuning attacks fgsm, fgsm_foreground")
     assert "nonzero_pixels" not in rules["adversarial"].scores
     # the digits calibration set has fewer than 5 errors in its reference split: the default pair
     assert rules["likely_misclassified"].scores == ["max_softmax", "trust_score"]
