@@ -102,10 +102,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from detector.calibration import CalibrationConfig, calibrate
     from detector.data import load_dataset
 
+    tuning = {} if args.tuning_attacks is None else {
+        "tuning_attacks": () if args.tuning_attacks == ["none"] else tuple(args.tuning_attacks)}
     try:
         config = CalibrationConfig(layers=args.layers, fprs=args.fpr, seed=args.seed, top_q=args.top_q,
                                    max_edges=args.max_edges, latent_dim=args.latent_dim, progress=not args.quiet,
-                                   tuning_attacks=() if args.tuning_attacks == ["none"] else tuple(args.tuning_attacks))
+                                   **tuning)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise AdvDetectError(f"invalid calibration settings: {problems}") from None
@@ -269,9 +271,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-edges", type=int, default=DEFAULT_MAX_EDGES,
                    help=f"induced-graph edge budget: the last stages that fit it (default {DEFAULT_MAX_EDGES:,})")
     p.add_argument("--latent-dim", type=int, default=8, help="introspection VAE latent size (default 8)")
-    p.add_argument("--tuning-attacks", type=_names, default=["fgsm", "fgsm_foreground"],
+    p.add_argument("--tuning-attacks", type=_names, default=None,
                    help="attacks made on calibration data to choose the adversarial fusion (default "
-                        "fgsm,fgsm_foreground; 'none': Fisher over the default members, no attack data)")
+                        "fgsm,fgsm_foreground: CalibrationConfig's; add deepfool,fgsm_minimal_foreground for "
+                        "boundary attacks; 'none': Fisher over the default members, no attack data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_calibrate)
 
