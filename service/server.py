@@ -100,7 +100,8 @@ def create_server(settings: ServiceSettings, registry: CollectorRegistry | None 
     all_services = ("", *SERVED_SERVICES)
     for name in all_services:
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    detector = Detector.load(settings.model_path, settings.baseline_path, intra_op_threads=1)
+    detector = Detector.load(settings.model_path, settings.baseline_path, intra_op_threads=1,
+                             flagged_scores_only=settings.flagged_scores_only)
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ServiceMetrics(registry)
     metrics.touch(methods=DETECTOR_METHODS + OIP_METHODS)
