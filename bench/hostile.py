@@ -10,8 +10,9 @@ gRPC channels (requests serialised once, bytes on the wire):
    (20,000 input entries, 600,000 dimensions, 16 MiB of garbage) while one caller checks health and
    another sends valid requests, back to back: their p99 latencies and the largest health-check delay;
 3. **overload**: a server with ``max_inflight_requests`` 4 (``workers`` at its default, 4); 4 callers
-   first (the normal latency), then 64 callers (a refused one waits :data:`RETRY_BACKOFF_S` before it tries
-   again): OK and RESOURCE_EXHAUSTED counts and the admitted calls' latency;
+   first (the normal latency), 8 (the limit always full), then 64 callers, from :mod:`overload_client`
+   (one thread, its own process), with a fixed and an exponential retry backoff: OK and RESOURCE_EXHAUSTED
+   counts and the admitted calls' latency, in the client and in the server;
 4. **SIGKILL trials** (``--kills`` per mode): 4 callers send flagged inputs; the server is killed after
    ``--kill-after-s``; the answered flagged records missing from the audit log are counted, with how long
    before the kill each was answered. Default mode (``audit_flush_batch_size`` 8, interval 1 s) against
@@ -21,8 +22,9 @@ gRPC channels (requests serialised once, bytes on the wire):
    gets ``--leak-requests`` health checks that are not protobuf, parsed by grpc's generated deserializer
    (grpc answers INTERNAL) and by :class:`service.wire.RawRequestInterceptor`: RSS growth per request.
 
-Every loop is bounded in count and time. Client and server share the machine's cores: latencies are
-those of a shared (and, when other jobs run, noisy) machine. Results go to ``bench/results/hostile.md``.
+Every loop is bounded in count and time. The benchmark pins itself (every client) to the last CPU and each
+server to the others (:data:`CLIENT_CPU`), so that client work does not slow the server; other jobs on the
+machine still make latencies noisy. Results go to ``bench/results/hostile.md``.
 Run: ``.venv/bin/python bench/hostile.py``.
 """
 
@@ -51,9 +53,13 @@ STREAM = "/advdetect.v1.Detector/DetectStream"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 HEALTH = "/grpc.health.v1.Health/Check"
 HOST = "127.0.0.1"
+#: The benchmark (every client, and the overload client's process) runs on this CPU and each server on the
+#: others, so that latencies measure the server, not clients competing with it for the cores: in production
+#: the clients run elsewhere. On one CPU both share it.
+CLIENT_CPU = (os.cpu_count() or 1) - 1
+SERVER_CPUS = set(range(CLIENT_CPU)) or {0}
 #: A refused caller's wait before it tries again (as a client's retry policy would): without it, 60 client
 #: threads retrying in a loop take the client process's interpreter lock from the admitted ones.
-RETRY_BACKOFF_S = 0.02
 
 
 def _baseline(model: Path) -> Path:
@@ -257,34 +263,31 @@ def _stall(port: int, x: np.ndarray, seconds: float) -> dict:
             "probe_codes": probe_codes, "health_codes": health_codes, "valid_codes": valid_codes}
 
 
-def _closed_loop(port: int, payload: bytes, callers: int, seconds: float) -> dict:
-    import grpc
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` to ``cpus`` (threads started later inherit the mask)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
 
-    stop_at = time.perf_counter() + seconds
-    ok: list[float] = []
-    codes: Counter = Counter()
-    lock = threading.Lock()
 
-    def caller() -> None:
-        with grpc.insecure_channel(f"{HOST}:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
-            call = channel.unary_unary(INFER)
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                code = _code(lambda: call(payload, timeout=30))
-                with lock:
-                    codes[code] += 1
-                    if code == "OK":
-                        ok.append(time.perf_counter() - t0)
-                if code == "RESOURCE_EXHAUSTED":
-                    time.sleep(RETRY_BACKOFF_S)
+def _serve(model: Path, baseline: Path, **settings: str) -> tuple[subprocess.Popen, int, int]:
+    """:func:`common.start_server` with the server pinned to :data:`SERVER_CPUS`."""
+    proc, port, metrics_port = start_server(model, baseline, **settings)
+    _pin(proc.pid, SERVER_CPUS)
+    return proc, port, metrics_port
 
-    threads = [threading.Thread(target=caller) for _ in range(callers)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    lat = np.asarray(ok) * 1e3
-    return {"codes": codes, "p50": np.median(lat), "p99": np.percentile(lat, 99)}
+
+def _overload_run(port: int, payload: bytes, callers: int, seconds: float, policy: str) -> dict:
+    """One run of :mod:`overload_client` in a process of its own (on the benchmark's CPU): status codes and
+    client-side p50/p99 (ms)."""
+    import json
+
+    with tempfile.NamedTemporaryFile(suffix=".bin") as request:
+        request.write(payload)
+        request.flush()
+        out = subprocess.run([sys.executable, str(Path(__file__).with_name("overload_client.py")), str(port),
+                              str(callers), str(seconds), request.name, policy],
+                             capture_output=True, text=True, check=True, timeout=seconds + 120)
+    return json.loads(out.stdout)
 
 
 def _server_buckets(metrics_port: int) -> dict[float, float]:
@@ -299,10 +302,20 @@ def _server_buckets(metrics_port: int) -> dict[float, float]:
 
 
 def _quantiles(before: dict[float, float], after: dict[float, float]) -> tuple[float, float]:
-    """(p50, p99) in ms of the calls counted between two scrapes: upper bounds of their buckets."""
+    """(p50, p99) in ms of the calls counted between two scrapes, interpolated linearly inside the bucket
+    that holds each quantile, as PromQL's ``histogram_quantile`` does."""
     delta = sorted((le, after[le] - before.get(le, 0.0)) for le in after)
     total = delta[-1][1]
-    return tuple(next(le for le, n in delta if n >= q * total) * 1e3 for q in (0.5, 0.99))  # type: ignore[return-value]
+
+    def quantile(q: float) -> float:
+        lower, below = 0.0, 0.0
+        for le, n in delta:
+            if n >= q * total:
+                return 1e3 * (lower + (le - lower) * (q * total - below) / max(n - below, 1e-12))
+            lower, below = le, n
+        return float("inf")
+
+    return quantile(0.5), quantile(0.99)
 
 
 def _kill_trial(model: Path, baseline: Path, x: np.ndarray, sync: bool, kill_after_s: float) -> dict:
@@ -315,7 +328,7 @@ def _kill_trial(model: Path, baseline: Path, x: np.ndarray, sync: bool, kill_aft
 
     folder = Path(tempfile.mkdtemp(prefix="advdetect-hostile-"))
     audit = folder / "audit.jsonl"
-    proc, port, _ = start_server(model, baseline, log_level="ERROR", audit_log_path=str(audit), audit_flush_batch_size="8",
+    proc, port, _ = _serve(model, baseline, log_level="ERROR", audit_log_path=str(audit), audit_flush_batch_size="8",
                               audit_flush_interval_s="1.0", audit_sync=str(sync).lower())
     noisy = np.clip(x[:2] + np.random.default_rng(1).normal(0, 0.7, x[:2].shape), 0, 1).astype(np.float32)
     answered: dict[str, tuple[int, float]] = {}
@@ -394,13 +407,16 @@ def main() -> None:
     args = parser.parse_args()
     model = digits_cnn()[0]
     baseline = _baseline(model)
+    _pin(os.getpid(), {CLIENT_CPU})
     x = load_dataset("digits:test").x[:8].astype(np.float32)
     kinds = malformed_kinds(x)
     lines = ["# Hostile traffic (bench/hostile.py)", "",
-             f"`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`, digits CNN, server and client on the same "
-             f"{os.cpu_count()} cores of a machine shared with other jobs (latencies are noisy).", ""]
+             f"`{' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}`, digits CNN. The benchmark's clients run on CPU "
+             f"{CLIENT_CPU} and each server on CPU(s) {sorted(SERVER_CPUS)} of this {os.cpu_count()}-core machine, so "
+             "that client work does not slow the server (in production the clients run elsewhere); other jobs on "
+             f"the machine still share the CPUs (load average at the start: {os.getloadavg()[0]:.1f}).", ""]
 
-    proc, port, _ = start_server(model, baseline, log_level="ERROR")
+    proc, port, _ = _serve(model, baseline, log_level="ERROR")
     try:
         rss_start = _rss_mib(proc.pid)
         _send(port, kinds, 2_000)
@@ -437,26 +453,31 @@ def main() -> None:
               f"{dict(stall['valid_codes'])} |",
               f"| stall probes | {sum(stall['probe_codes'].values())} | | | | {dict(stall['probe_codes'])} |", ""]
 
-    proc, port, metrics_port = start_server(model, baseline, log_level="ERROR", max_inflight_requests="4")
+    proc, port, metrics_port = _serve(model, baseline, log_level="ERROR", max_inflight_requests="4")
+    runs = []
     try:
-        before = _server_buckets(metrics_port)
-        normal = _closed_loop(port, valid_request(x), 4, args.overload_seconds / 2)
-        middle = _server_buckets(metrics_port)
-        over = _closed_loop(port, valid_request(x), 64, args.overload_seconds)
-        after = _server_buckets(metrics_port)
+        for callers, policy, seconds in ((4, "fixed", args.overload_seconds / 2), (8, "fixed", args.overload_seconds / 2),
+                                         (64, "fixed", args.overload_seconds), (64, "exponential", args.overload_seconds)):
+            before = _server_buckets(metrics_port)
+            run = _overload_run(port, valid_request(x), callers, seconds, policy)
+            run["server"] = _quantiles(before, _server_buckets(metrics_port))
+            runs.append((callers, policy, run))
     finally:
         _stop(proc)
-    normal["server"], over["server"] = _quantiles(before, middle), _quantiles(middle, after)
     lines += ["## 3. Overload: `max_inflight_requests` 4, `workers` 4 (default)", "",
-              f"Closed loop of valid single-input requests; a refused caller waits {RETRY_BACKOFF_S * 1e3:.0f} ms "
-              "before it tries again.", "",
-              "Admitted calls' latency seen by the clients (all 64 callers' threads share the client process's "
-              "interpreter lock and the 2 cores with the server), and in the server, from admission to "
-              "response (`advdetect_request_duration_seconds`: the upper bounds of the buckets holding p50 and p99).", "",
-              "| callers | status codes | client p50 ms | client p99 ms | server p50 ms | server p99 ms |",
-              "|---|---|---|---|---|---|"]
-    lines += [f"| {n} | {dict(r['codes'])} | {r['p50']:.2f} | {r['p99']:.2f} | <= {r['server'][0]:g} | "
-              f"<= {r['server'][1]:g} |" for n, r in ((4, normal), (64, over))]
+              f"Closed loop of valid single-input requests from `bench/overload_client.py`: the callers are coroutines "
+              "of one thread in a process of their own. A refused "
+              "caller waits before it tries again: `fixed` 20 ms each time (an impatient client); `exponential` "
+              "gRPC's retry backoff (gRFC A6: uniform in [0, min(20 ms * 2^(n-1), 1 s)] after the n-th refusal "
+              "in a row). With 4 callers the server is at its limit only part of the time (each caller's round trip "
+              "leaves a gap); with 8 it is at its limit nearly always, as with 64.", "",
+              "Admitted calls' latency seen by the clients, and in the server from admission to response "
+              "(`advdetect_request_duration_seconds`, interpolated within its buckets as PromQL's "
+              "`histogram_quantile` does).", "",
+              "| callers | backoff | status codes | client p50 ms | client p99 ms | server p50 ms | server p99 ms |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {n} | {policy} | {r['codes']} | {r['p50']:.2f} | {r['p99']:.2f} | {r['server'][0]:.1f} | "
+              f"{r['server'][1]:.1f} |" for n, policy, r in runs]
     lines += [""]
 
     lines += ["## 4. SIGKILL with flagged traffic (4 callers, batch 8, interval 1 s, killed after "

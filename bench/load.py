@@ -15,8 +15,10 @@ parses each message in Python, which takes a large share of a core; the tests ex
 Reported per mode: requests, throughput (requests/s), p50 and p99 latency (ms), and the ratios; several
 callers measure throughput. The latency detection adds to a single request is measured by one caller
 alternating detection-on and detection-off requests, so that both modes meet the same phase of a shared
-machine's speed (two separate-run measurements of the same code gave 3.36 and 3.56 ms for LeNet-5). Results go to
-``bench/results/load.md``. Run: ``make bench`` or ``.venv/bin/python bench/load.py [--seconds 10]``.
+machine's speed (two separate-run measurements of the same code gave 3.36 and 3.56 ms for LeNet-5). Last, the
+cost of ``audit_sync`` (a durable audit record before each flagged response): flagged traffic against the digits
+CNN with the audit log on, without and with it. Results go to ``bench/results/load.md``.
+Run: ``make bench`` or ``.venv/bin/python bench/load.py [--seconds 10]``.
 """
 
 from __future__ import annotations
@@ -151,6 +153,35 @@ def _alternating(port: int, model_name: str, inputs: np.ndarray, seconds: float)
     return {"pairs": i, "on_p50_ms": on, "off_p50_ms": off, "added_p50_ms": on - off}
 
 
+def _audit_cost(model: Path, baseline: Path, inputs: np.ndarray, callers: int, seconds: float) -> dict[bool, dict]:
+    """Flagged traffic with the audit log on, without and with ``audit_sync``: the cost of a durable record.
+
+    The inputs are digits with Gaussian noise of sd 0.7, clipped to [0, 1]: nearly all of them are flagged
+    (``flagged_share``: audit records per request), and with ``audit_sync`` each flagged response waits for
+    its record's write and fsync. One server process.
+    """
+    import tempfile
+
+    noisy = np.clip(inputs + np.random.default_rng(0).normal(0, 0.7, inputs.shape), 0, 1).astype(np.float32)
+    out = {}
+    for sync in (False, True):
+        with tempfile.TemporaryDirectory(prefix="advdetect-load-") as folder:
+            proc, port, _ = start_server(model, baseline, workers="4", processes="1", max_inflight_requests="256",
+                                         audit_log_path=str(Path(folder) / "audit.jsonl"), audit_sync=str(sync).lower())
+            try:
+                warm = _run(port, "digits_cnn", noisy, 1, 1.0, True)
+                out[sync] = _run(port, "digits_cnn", noisy, callers, seconds, True)
+            finally:
+                proc.terminate()
+                proc.wait(timeout=60)
+            from service.audit import AuditReader
+
+            records = sum(1 for _ in AuditReader(Path(folder) / "audit.jsonl"))
+        out[sync]["flagged_share"] = records / (warm["requests"] + out[sync]["requests"])
+        print(f"[load] audit_sync={sync}: {out[sync]}", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each run")
@@ -158,8 +189,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="server worker threads per process")
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="server processes (default: cores)")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()[0]
     rows, paired = [], {}
-    for name, (model, baseline, inputs) in _prepare().items():
+    prepared = _prepare()
+    for name, (model, baseline, inputs) in prepared.items():
         proc, port, _ = start_server(model, baseline, workers=str(args.workers), processes=str(args.processes),
                                   max_inflight_requests="256")
         try:
@@ -178,7 +211,8 @@ def main() -> None:
     lines = ["# Load benchmark", "",
              f"`bench/load.py --seconds {args.seconds:g} --callers {args.callers} --workers {args.workers} "
              f"--processes {args.processes}` on "
-             f"{platform.machine()}, {os.cpu_count()} cores (client and server share them), Python "
+             f"{platform.machine()}, {os.cpu_count()} cores (client and server share them; load average "
+             f"{load_at_start:.1f} at the start: above 0.5, other jobs shared the machine), Python "
              f"{platform.python_version()}. Single-input Open Inference Protocol requests, closed loop.", "",
              "| model | callers | detection | requests | errors | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|---|---|"]
     for name, callers, on, off in rows:
@@ -193,6 +227,14 @@ def main() -> None:
               "| model | pairs | p50 on ms | p50 off ms | p50 added by detection (ms) |", "|---|---|---|---|---|"]
     for name, r in paired.items():
         lines.append(f"| {name} | {r['pairs']} | {r['on_p50_ms']:.2f} | {r['off_p50_ms']:.2f} | {r['added_p50_ms']:.2f} |")
+    audit = _audit_cost(*prepared["digits_cnn"], args.callers, args.seconds)
+    lines += ["", f"Cost of `audit_sync` (digits CNN, one server process, {args.callers} callers, inputs: digits with "
+              "Gaussian noise of sd 0.7, nearly all flagged (records / requests); the audit log on, batch 64, interval 1 s; with `audit_sync` each "
+              "flagged response waits for its record's write and fsync):", "",
+              "| audit_sync | requests | records / requests | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|---|"]
+    for sync, r in audit.items():
+        lines.append(f"| {'on' if sync else 'off'} | {r['requests']} | {r['flagged_share']:.2f} | {r['rps']:.0f} | "
+                     f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
     write_result("load.md", lines)
 
 

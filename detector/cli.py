@@ -10,11 +10,30 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from detector.errors import AdvDetectError
 
+if TYPE_CHECKING:
+    from detector.preprocessing import Preprocessing
+
 __all__ = ["main"]
+
+
+def _preprocessing(model: str, manifest_spec: "Preprocessing | None" = None, resize: int | None = None,
+                   crop: int | None = None) -> "Preprocessing":
+    """How folders of images are read: the baseline's spec when there is one, else the model's channel count
+    with ``resize`` and ``crop``."""
+    from pydantic import ValidationError
+
+    from detector.preprocessing import Preprocessing, input_channels
+
+    if manifest_spec is not None:
+        return manifest_spec
+    try:
+        return Preprocessing(channels=input_channels(model), resize=resize, crop=crop)
+    except ValidationError as exc:
+        raise AdvDetectError(f"invalid preprocessing: {exc.errors()[0]['msg']}") from None
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
@@ -97,7 +116,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise AdvDetectError(f"invalid calibration settings: {problems}") from None
-    data = load_dataset(args.data)
+    data = load_dataset(args.data, preprocessing=_preprocessing(args.model, resize=args.resize, crop=args.crop))
     manifest = calibrate(args.model, data, args.out, config)
     print(f"baseline {manifest.version} written to {args.out}")
     print(f"  data: {manifest.data.spec}, {manifest.data.n_samples} inputs (fit {manifest.data.n_fit}, "
@@ -116,7 +135,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     from detector.pipeline import Detector
 
     detector = Detector.load(args.model, args.baseline)
-    data = load_dataset(args.inputs, require_labels=False)
+    data = load_dataset(args.inputs, require_labels=False,
+                        preprocessing=_preprocessing(args.model, detector.manifest.data.preprocessing))
     flag_names = [rule.name for rule in detector.manifest.flags]
     size = args.batch_size or detector.batch_size
     with open(args.out, "w", newline="") as fh:
@@ -149,7 +169,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     attacks = ATTACK_NAMES if args.attacks == ["all"] else args.attacks
     detector = Detector.load(args.model, args.baseline)
-    data = load_dataset(args.data)
+    data = load_dataset(args.data, preprocessing=_preprocessing(args.model, detector.manifest.data.preprocessing))
     if args.limit:
         data = type(data)(data.x[: args.limit], data.y[: args.limit], f"{data.name}[:{args.limit}]")
     import torch
@@ -161,6 +181,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     write_results(result, Path(args.out))
     print(results_markdown(result.table))
     print(f"results written to {args.out}/results.json, results.md and roc_*.png")
+    return 0
+
+
+def _cmd_add_normalization(args: argparse.Namespace) -> int:
+    from detector.preprocessing import add_normalization
+
+    out = add_normalization(args.model, args.mean, args.std, args.out)
+    print(f"{out}: takes pixels in [0, 1] and computes (x - {list(args.mean)}) / {list(args.std)} before {args.model}")
     return 0
 
 
@@ -211,8 +239,13 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="fit every scorer on clean data and write a baseline directory")
     p.add_argument("--model", required=True, help="path to the .onnx classifier")
-    p.add_argument("--data", required=True, help="clean data: digits | digits:SPLIT | mnist | FILE.npz | IDX file or folder")
+    p.add_argument("--data", required=True,
+                   help="clean data: digits | digits:SPLIT | mnist | FILE.npz | IDX file or folder | folder of images")
     p.add_argument("--out", required=True, help="baseline directory to write")
+    p.add_argument("--resize", type=int, default=None,
+                   help="folders of images: resize the shorter side to this many pixels (stored in the baseline)")
+    p.add_argument("--crop", type=int, default=None,
+                   help="folders of images: cut a centre square of this many pixels after the resize (stored too)")
     p.add_argument("--layers", type=_names, default=None,
                    help="comma-separated layers the peers and the introspection VAE read, mean(NAME) for channel "
                         "means (default: block outputs, wide ones as channel means; see `advdetect layers`)")
@@ -250,6 +283,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-attacked", type=int, default=0, help="attack only the first N correct inputs (0: all)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("add-normalization",
+                       help="write a copy of an ONNX model that takes pixels in [0, 1] and normalises them itself")
+    p.add_argument("--model", required=True, help="the .onnx classifier, which expects (x - mean) / std")
+    p.add_argument("--mean", type=_floats, required=True, help="per-channel mean in [0, 1] units, e.g. 0.485,0.456,0.406")
+    p.add_argument("--std", type=_floats, required=True, help="per-channel std in [0, 1] units, e.g. 0.229,0.224,0.225")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.set_defaults(func=_cmd_add_normalization)
 
     p = sub.add_parser("serve", help="serve the model with detection over gRPC (native API + Open Inference Protocol)")
     p.add_argument("--model", default=None, help="the .onnx classifier (or ADVDETECT_MODEL_PATH)")

@@ -1,6 +1,7 @@
-"""Data readers shared by every CLI command: the builtin digits, ``.npz`` files and IDX (MNIST) files.
+"""Data readers shared by every CLI command: the builtin digits, ``.npz`` files, IDX (MNIST) files and
+folders of images.
 
-Every reader returns images as float32 in [0, 1] with shape (n_samples, 1, H, W) and labels as int64,
+Every reader returns images as float32 in [0, 1] with shape (n_samples, C, H, W) and labels as int64,
 so a model trained on one source reads the others the same way.
 
 =====================  ======================================================================================
@@ -16,6 +17,8 @@ spec                   meaning
                        is not loaded: its rows are read from the file batch by batch (:class:`NpzImages`)
 ``DIR``                a folder with exactly one ``*images-idx3-ubyte[.gz]`` and its ``*labels-idx1-ubyte[.gz]``
 ``FILE-idx3-ubyte``    an IDX images file (gzipped or raw); labels are the matching ``labels-idx1`` file
+``IMAGE_DIR``          PNG/JPEG images in class subfolders (or unlabelled, directly in the folder), read with a
+                       :class:`~detector.preprocessing.Preprocessing` (resize, centre crop, channels)
 =====================  ======================================================================================
 """
 
@@ -29,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from detector.errors import DataError
+from detector.preprocessing import Preprocessing, is_image_folder, read_image_folder
 
 __all__ = ["Dataset", "NpzImages", "Rows", "load_dataset", "digits_split", "read_idx", "DIGITS_SPLIT_SEED", "LAZY_BYTES",
            "MNIST_DIR"]
@@ -55,11 +59,15 @@ class Dataset:
     y : ndarray of shape (n_samples,), int64
     name : str
         Where it came from (the spec), for reports.
+    preprocessing : Preprocessing or None
+        How a folder's images were resized and cropped (None for array data); ``calibrate`` stores it in
+        the manifest.
     """
 
     x: np.ndarray
     y: np.ndarray
     name: str
+    preprocessing: Preprocessing | None = None
 
     def __len__(self) -> int:
         return int(len(self.y))
@@ -260,10 +268,12 @@ def _idx_label_file(images: Path) -> Path:
     raise DataError(f"no labels file for {images}: expected {candidates[0]}")
 
 
-def load_dataset(spec: str, require_labels: bool = True) -> Dataset:
+def load_dataset(spec: str, require_labels: bool = True, preprocessing: Preprocessing | None = None) -> Dataset:
     """Read a data set named by ``spec`` (see the module docstring for the forms it takes).
 
-    With ``require_labels=False`` a ``.npz`` file may hold ``x`` alone; its labels are then -1 (unknown).
+    With ``require_labels=False`` a ``.npz`` file may hold ``x`` alone and a folder of images may have no
+    class subfolders; their labels are then -1 (unknown). ``preprocessing`` applies to folders of images
+    only (default: RGB, no resize or crop).
 
     Raises
     ------
@@ -291,12 +301,19 @@ def load_dataset(spec: str, require_labels: bool = True) -> Dataset:
     if not path.exists():
         raise DataError(f"data not found: {spec!r} is neither 'digits', 'digits:SPLIT', 'mnist' nor an existing "
                         "file or folder")
+    if path.is_dir() and not any("images-idx3-ubyte" in p.name for p in path.iterdir()) and is_image_folder(path):
+        preprocessing = preprocessing or Preprocessing()
+        x, y, _ = read_image_folder(path, preprocessing)
+        if require_labels and (y < 0).any():
+            raise DataError(f"{path}: labelled data needs one subfolder of images per class")
+        return Dataset(x, y, str(path), preprocessing)
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if "images-idx3-ubyte" in p.name)
         if len(images) != 1:
             raise DataError(
                 f"{path}: expected exactly one '*images-idx3-ubyte[.gz]' file in the folder, found {len(images)}"
-                + (f" ({', '.join(p.name for p in images)}); name the file instead" if images else "")
+                + (f" ({', '.join(p.name for p in images)}); name the file instead" if images
+                   else ", nor any PNG/JPEG images in it or in class subfolders")
             )
         path = images[0]
     if path.suffix == ".npz":
@@ -319,4 +336,5 @@ def load_dataset(spec: str, require_labels: bool = True) -> Dataset:
             raise DataError(f"{path} is not a readable .npz file: {exc}") from None
     if "idx3-ubyte" in path.name:
         return _pair(read_idx(path), read_idx(_idx_label_file(path)), str(path))
-    raise DataError(f"{path}: unknown data format; expected a .npz file, an IDX images file or a folder holding one")
+    raise DataError(f"{path}: unknown data format; expected a .npz file, an IDX images file, a folder holding one, "
+                    "or a folder of images")

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from detector.preprocessing import Preprocessing
+
 __all__ = [
     "SCHEMA_VERSION",
     "ModelInfo",
@@ -51,6 +53,9 @@ class DataInfo(_Frozen):
     n_reference: int = Field(description="held-out inputs whose scores are the conformal references")
     n_threshold: int = Field(description="held-out inputs on which the fused thresholds are set")
     seed: int
+    preprocessing: Preprocessing | None = Field(
+        None, description="how a folder of images was resized and cropped; evaluate and score apply it to "
+                          "folders, and clients of serve must send images prepared this way")
 
 
 class ScorerEntry(_Frozen):

@@ -39,7 +39,7 @@ from detector.capture import Capture, channel_means, mean_source
 from detector.errors import InvalidInput, ModelError
 from detector.topology.structure import ACTIVATION_OPS, Op, ResidualAdd, extract_structure
 
-__all__ = ["LayerInfo", "OnnxClassifier", "WIDE_LAYER_UNITS", "file_sha256", "session_options"]
+__all__ = ["LayerInfo", "OnnxClassifier", "WIDE_LAYER_UNITS", "file_sha256", "load_onnx", "session_options"]
 
 #: A default layer with more units than this (and a channel axis) is captured as its channel means.
 WIDE_LAYER_UNITS = 4096
@@ -122,7 +122,7 @@ class OnnxClassifier:
 
     def __init__(self, path: str | os.PathLike[str], capture: Sequence[str] | None = None, intra_op_threads: int = 0):
         self.path = Path(path)
-        self.model_ = _load_onnx(self.path)
+        self.model_ = load_onnx(self.path)
         self.sha256 = file_sha256(self.path)
         graph = self.model_.graph
         inits = {i.name for i in graph.initializer}
@@ -311,7 +311,8 @@ class OnnxClassifier:
         return Capture.concatenate([self.run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
-def _load_onnx(path: Path) -> onnx.ModelProto:
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """The checked ONNX model at ``path``; :class:`ModelError` (one line) when it is missing or not ONNX."""
     if not path.is_file():
         raise ModelError(f"model file not found: {path}")
     try:
