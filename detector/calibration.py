@@ -218,7 +218,13 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     # batch by batch, keeping per input only what the scorers and the population monitor read
     capture = reduced_capture(model, data.x, scorers, keep=hidden)
     steps.update()
+    steps.set_postfix_str("population Betti curves of clean windows")
+    population = PopulationMonitor(window_size=config.window_size, seed=config.seed).fit(
+        {k: v for k, v in capture.activations.items() if k in hidden})
+    accuracy = float(np.mean(capture.predicted == data.y))  # on the whole clean calibration data
     fit, held = capture.subset(fit_idx), capture.subset(held_idx)
+    del capture  # the two splits hold every input
+    steps.update()
     for scorer in scorers:
         steps.set_postfix_str(f"fitting {scorer.kind}")
         scorer.fit(fit, data.y[fit_idx])
@@ -251,11 +257,6 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
         rules.append(FlagRule(name=name, thresholds=thresholds, default_fpr=config.fprs[0], **choice))
     steps.update()
 
-    steps.set_postfix_str("population Betti curves of clean windows")
-    population = PopulationMonitor(window_size=config.window_size, seed=config.seed).fit(
-        {k: v for k, v in capture.activations.items() if k in hidden})
-    steps.update()
-
     steps.set_postfix_str("writing the baseline")
     arrays: dict[str, np.ndarray] = {}
     entries, introspection_onnx = [], None
@@ -269,7 +270,6 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
         arrays.update(cal.get_state(f"conformal/{name}/"))
     pop_params, pop_arrays = population.get_state()
     arrays.update({f"population/{k}": v for k, v in pop_arrays.items()})
-    accuracy = float(np.mean(capture.predicted == data.y))  # on the whole clean calibration data
     manifest = Manifest(
         tool_version=_versions().get("advdetect", "0"),
         created_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"),

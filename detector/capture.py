@@ -59,7 +59,8 @@ class Capture:
         its channel means, shape (n_samples, C)), in graph (topological) order.
     squeezed_logits : dict of str to ndarray of shape (n_samples, n_classes)
         Logits of squeezed copies of the inputs (feature squeezing), keyed by squeezer name; computed in
-        the same ONNX Runtime run (:func:`detector.squeeze.run_with_squeezers`). Empty unless asked for.
+        the same ONNX Runtime run (:func:`detector.squeeze.run_with_squeezers`). Empty unless asked for, and
+        in a reduced capture.
     features : dict of str to ndarray of shape (n_samples, ...)
         Per-input features that scorers derived from this batch's large tensors (:meth:`Scorer.reduce
         <detector.scorers.base.Scorer.reduce>`) before the tensors were dropped: a scorer reads its own
@@ -99,15 +100,14 @@ class Capture:
     def reduced(self, keep: Sequence[str], features: Mapping[str, np.ndarray]) -> "Capture":
         """A copy without the inputs and with only the activations ``keep``, plus per-input ``features``.
 
-        What streaming keeps of a batch (:func:`detector.stream.reduced_capture`): the small tensors the
-        scorers read (channel means, dense layers), logits, the squeezed copies' logits, and the features
-        scorers derived from the rest. The kept arrays are copied, so that they hold no view of the batch's
-        large outputs.
+        What streaming keeps of a batch (:func:`detector.stream.reduced_capture`): the logits, the small tensors
+        the scorers read (channel means, dense layers) and the features scorers derived from the rest, the
+        squeezed copies' logits included (feature squeezing's score). The kept arrays are copied, so that they
+        hold no view of the batch's large outputs.
         """
         kept = set(keep)
         return Capture(inputs=None, logits=self.logits.copy(),
                        activations={k: v.copy() for k, v in self.activations.items() if k in kept},
-                       squeezed_logits={k: v.copy() for k, v in self.squeezed_logits.items()},
                        features={**self.features, **features})
 
     @staticmethod

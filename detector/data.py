@@ -128,6 +128,10 @@ class NpzImages:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def head(self, n: int) -> "NpzImages":
+        """The first ``n`` rows, still unread."""
+        return NpzImages(self.path, self._offset, self._stored, (min(int(n), len(self)), *self.shape[1:]))
+
     def _read(self, rows: np.ndarray) -> np.ndarray:
         out = np.empty((len(rows), self._row_items), dtype=self._stored)
         row_bytes = self._row_items * self._stored.itemsize

@@ -11,8 +11,12 @@ population monitor read.
 - **Which layers.** A network with residual blocks (ResNet, MobileNetV2, ViT): the output of every block
   (the residual Add, or the activation applied to it alone, as ResNet's ReLU), plus the first and the last
   post-activation layer (the stem and the penultimate features), as Lee et al. (2018)'s feature ensemble
-  and JTLA (Raghuram et al. 2021) read block outputs. A network without residual blocks (LeNet-5, the
-  digits models): every post-activation hidden layer.
+  and JTLA (Raghuram et al. 2021) read block outputs. When those layers give more than
+  :data:`MAX_DEFAULT_FEATURES` features per input (a conv map gives one per channel), only the last block
+  of each stage is kept (a block whose output shape differs from the next block's): Lee et al.'s choice
+  for ResNet, and what keeps ResNet-50's features at 3,904 instead of 15,168 (calibration memory per
+  input and the peers' cost per request grow with them). A network without residual blocks (LeNet-5,
+  the digits models): every post-activation hidden layer.
 - **In which form.** A layer of more than :data:`WIDE_LAYER_UNITS` units with a channel axis is read as its
   channel means, computed in the graph (``mean(<tensor>)``); a smaller one is handed out whole, and the
   scorers average its channels themselves (in float64), as before. LeNet-5 (at most 3,456 units per layer)
@@ -39,10 +43,13 @@ from detector.capture import Capture, channel_means, mean_source
 from detector.errors import InvalidInput, ModelError
 from detector.topology.structure import ACTIVATION_OPS, Op, ResidualAdd, extract_structure
 
-__all__ = ["LayerInfo", "OnnxClassifier", "WIDE_LAYER_UNITS", "file_sha256", "load_onnx", "session_options"]
+__all__ = ["LayerInfo", "MAX_DEFAULT_FEATURES", "OnnxClassifier", "WIDE_LAYER_UNITS", "file_sha256", "load_onnx", "session_options"]
 
 #: A default layer with more units than this (and a channel axis) is captured as its channel means.
 WIDE_LAYER_UNITS = 4096
+#: Most features (channels of conv maps, units of dense layers) the default layers give per input before
+#: only the last block of each stage is kept.
+MAX_DEFAULT_FEATURES = 4096
 #: Working memory one ONNX Runtime run of :meth:`OnnxClassifier.batch_size` may take (bytes).
 BATCH_BYTES = 256 * 2**20
 
@@ -142,7 +149,7 @@ class OnnxClassifier:
             )
         self.n_classes = logits_shape[0]
         self._layers = self._list_layers()
-        self._structure: list[Op] | None = None
+        self._block_outputs: list[str] | None = None
         self.capture = list(capture) if capture is not None else self.default_capture()
         self.set_capture(self.capture, intra_op_threads=intra_op_threads)
 
@@ -167,39 +174,44 @@ class OnnxClassifier:
         """Capture keys of the layers the peers, the introspection VAE and the population monitor read.
 
         Block outputs (plus the first and last post-activation layers) of a network with residual blocks,
-        every post-activation hidden layer of one without; wide layers as their channel means. See the
-        module docstring for the rule.
+        only the last block of each stage when they give more than :data:`MAX_DEFAULT_FEATURES` features,
+        every post-activation hidden layer of a network without residual blocks; wide layers as their
+        channel means. See the module docstring for the rule.
         """
+        layers = {layer.name: layer for layer in self._layers}
         post = [layer.name for layer in self._layers if layer.post_activation and layer.name != self.output_name]
         blocks = self.block_outputs()
+        features = lambda names: sum(_features(layers[n].shape) for n in set(names))  # noqa: E731
+        if blocks and features(blocks + post[:1] + post[-1:]) > MAX_DEFAULT_FEATURES:
+            blocks = [b for b, after in zip(blocks, blocks[1:] + [None])
+                      if after is None or layers[b].shape != layers[after].shape]
         names = set(blocks + post[:1] + post[-1:]) if blocks else set(post)
         return [self._default_form(layer) for layer in self._layers if layer.name in names]
 
     def block_outputs(self) -> list[str]:
         """Output of every residual block, in graph order: each residual Add, or the element-wise activation
         that alone reads it (ResNet's ReLU after the Add)."""
-        readers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.model_.graph.node:
-            for name in node.input:
-                readers.setdefault(name, []).append(node)
-        known = {layer.name for layer in self._layers}
-        out = []
-        for op in self.structure():
-            if isinstance(op, ResidualAdd):
-                after = readers.get(op.output, [])
-                name = after[0].output[0] if len(after) == 1 and after[0].op_type in ACTIVATION_OPS else op.output
-                if name in known and name != self.output_name:
-                    out.append(name)
-        return out
+        if self._block_outputs is None:
+            readers: dict[str, list[onnx.NodeProto]] = {}
+            for node in self.model_.graph.node:
+                for name in node.input:
+                    readers.setdefault(name, []).append(node)
+            known = {layer.name for layer in self._layers}
+            self._block_outputs = []
+            for op in extract_structure(self.model_):
+                if isinstance(op, ResidualAdd):
+                    after = readers.get(op.output, [])
+                    name = after[0].output[0] if len(after) == 1 and after[0].op_type in ACTIVATION_OPS else op.output
+                    if name in known and name != self.output_name:
+                        self._block_outputs.append(name)
+        return list(self._block_outputs)
 
     def _default_form(self, layer: LayerInfo) -> str:
         return channel_means(layer.name) if len(layer.shape) >= 2 and layer.size > WIDE_LAYER_UNITS else layer.name
 
     def structure(self) -> list[Op]:
         """The layered structure (weights, strides, pads, ...) of the graph; see :mod:`detector.topology.structure`."""
-        if self._structure is None:
-            self._structure = extract_structure(self.model_)
-        return list(self._structure)
+        return extract_structure(self.model_)
 
     # -- capture -----------------------------------------------------------------------------------
     def capture_shape(self, key: str) -> tuple[int, ...]:
@@ -228,24 +240,30 @@ class OnnxClassifier:
                                f"{[shapes[mean_source(k)] for k in flat]})")
 
     def set_capture(self, names: Sequence[str], intra_op_threads: int = 0) -> None:
-        """Rewrite the graph so that the capture keys ``names`` become extra outputs, and build the session.
-
-        A key ``mean(<tensor>)`` adds a ReduceMean over the tensor's axes after the channel axis; its output,
-        of shape (batch, C), is the graph output. The rewritten graph is :attr:`capture_model_`.
-        """
+        """Make the capture keys ``names`` extra outputs of the graph (:meth:`capture_model`) and build the session."""
         self._check_keys(names)
         order = {layer.name: i for i, layer in enumerate(self._layers)}
         tensor = lambda key: key if key in order else mean_source(key)  # noqa: E731
         self.capture = sorted(dict.fromkeys(names), key=lambda key: (order[tensor(key)], key != tensor(key)))
+        self._session = ort.InferenceSession(self.capture_model().SerializeToString(), session_options(intra_op_threads),
+                                             providers=["CPUExecutionProvider"])
+
+    def capture_model(self) -> onnx.ModelProto:
+        """The graph ONNX Runtime runs: the model with every capture key as an extra output.
+
+        A key ``mean(<tensor>)`` adds a ReduceMean over the tensor's axes after the channel axis, whose output,
+        of shape (batch, C), is the graph output. Built on demand (a copy of the model's weights).
+        """
         rewritten = onnx.ModelProto()
         rewritten.CopyFrom(self.model_)
         graph = rewritten.graph
         present = {o.name for o in graph.output}
         opset = next((o.version for o in rewritten.opset_import if o.domain in ("", "ai.onnx")), 13)
+        shapes = {layer.name: layer.shape for layer in self._layers}
         for name in self.capture:
-            source = tensor(name)
-            if source != name:
-                axes = list(range(2, len(self.capture_shape(source)) + 1))
+            source = mean_source(name) if name not in shapes else None
+            if source is not None:
+                axes = list(range(2, len(shapes[source]) + 1))
                 if opset >= 18:  # ReduceMean takes its axes as an input from opset 18 on
                     graph.initializer.append(numpy_helper.from_array(np.asarray(axes, np.int64), f"{name}/axes"))
                     graph.node.append(helper.make_node("ReduceMean", [source, f"{name}/axes"], [name], keepdims=0))
@@ -253,9 +271,7 @@ class OnnxClassifier:
                     graph.node.append(helper.make_node("ReduceMean", [source], [name], axes=axes, keepdims=0))
             if name not in present:
                 graph.output.append(onnx.ValueInfoProto(name=name))
-        self.capture_model_ = rewritten
-        self._session = ort.InferenceSession(rewritten.SerializeToString(), session_options(intra_op_threads),
-                                             providers=["CPUExecutionProvider"])
+        return rewritten
 
     def batch_size(self, copies: int = 1, budget_bytes: int = BATCH_BYTES, limit: int = 256) -> int:
         """Inputs per ONNX Runtime run so that a run of ``copies`` x that many rows stays within ``budget_bytes``.
@@ -309,6 +325,11 @@ class OnnxClassifier:
         x = self.validate(x)
         batch_size = batch_size or self.batch_size()
         return Capture.concatenate([self.run(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+
+
+def _features(shape: tuple[int, ...]) -> int:
+    """Features the scorers read of a layer of per-sample ``shape``: its channels (conv map), else its units."""
+    return int(shape[0]) if len(shape) >= 2 else int(np.prod(shape))
 
 
 def load_onnx(path: Path) -> onnx.ModelProto:

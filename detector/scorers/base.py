@@ -15,8 +15,9 @@ artifact never needs pickle.
 Streaming (calibration, :mod:`detector.stream`): each batch's capture is reduced before the next batch
 runs. A scorer that reads small tensors (logits, channel means, dense layers) names them in
 :meth:`Scorer.kept_tensors` and reads them from the reduced capture as from a full one; a scorer that reads
-large tensors or the pixels derives its per-input features in :meth:`Scorer.reduce`, and its ``fit`` and
-``scores`` read them from ``capture.features`` when they are there.
+large tensors, the pixels or the squeezed copies' logits (all dropped by a reduced capture) derives its
+per-input features in :meth:`Scorer.reduce`, and its ``fit`` and ``scores`` read them from
+``capture.features`` when they are there.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import torch
 from detector import InvalidInput, load_dataset
 from detector.calibration import CalibrationConfig, calibrate
 from detector.capture import Capture, channel_means, mean_source
-from detector.model import WIDE_LAYER_UNITS, OnnxClassifier
+from detector.model import MAX_DEFAULT_FEATURES, WIDE_LAYER_UNITS, OnnxClassifier
 from detector.offline.demo_models import LeNet5, export_onnx
 from detector.offline.zoo import ResNet
 from detector.pipeline import Detector
@@ -51,6 +51,21 @@ def test_default_capture_reads_block_outputs_and_averages_wide_ones_in_the_graph
         np.testing.assert_allclose(means, whole.mean(axis=(2, 3)), rtol=1e-5, atol=1e-6)
 
 
+def test_too_many_block_features_keep_the_last_block_of_each_stage(tmp_path):
+    """A bottleneck ResNet (3, 4, 6, 3) of width 32 has 16 blocks giving 7,584 channel means: the default reads the
+    stem and the end of each stage (1,952), as Lee et al. do."""
+    torch.manual_seed(0)
+    export_onnx(ResNet((3, 4, 6, 3), bottleneck=True, width=32), np.zeros((1, 3, 32, 32), np.float32), tmp_path / "r.onnx")
+    clf = OnnxClassifier(tmp_path / "r.onnx")
+    blocks = clf.block_outputs()
+    shapes = {layer.name: layer.shape for layer in clf.layers()}
+    assert len(blocks) == 16 and sum(shapes[b][0] for b in blocks) > MAX_DEFAULT_FEATURES
+    stem = next(layer.name for layer in clf.layers() if layer.post_activation)
+    ends = [blocks[i] for i in (2, 6, 12, 15)]
+    assert [mean_source(k) or k for k in clf.default_capture()] == [stem, *ends]
+    assert sum(clf.capture_shape(k)[0] for k in clf.default_capture()) == 32 + 128 + 256 + 512 + 1024
+
+
 def test_capture_keys_are_checked(narrow_resnet):
     with pytest.raises(InvalidInput, match=r"unknown layer name\(s\) \['mean\(/nope\)'\]"):
         narrow_resnet.set_capture(["mean(/nope)"])
@@ -77,7 +92,8 @@ def test_a_reduced_capture_scores_exactly_as_the_full_one(demo_models, cnn_basel
     hidden = detector.manifest.model.captured_layers
     reduced = reduced_capture(detector.model, x, detector.scorers, keep=hidden, batch_size=50)
     full = _batchwise(detector, x, 50)
-    assert reduced.inputs is None and set(reduced.features) == {"induced_persistence", "betti_density", "nonzero_pixels"}
+    assert reduced.inputs is None and not reduced.squeezed_logits
+    assert set(reduced.features) == {"induced_persistence", "betti_density", "nonzero_pixels", "feature_squeezing"}
     assert set(reduced.activations) <= set(full.activations) and set(hidden) <= set(reduced.activations)
     assert "/6/Flatten_output_0" in full.activations and "/6/Flatten_output_0" not in reduced.activations  # topology's
     for scorer in detector.scorers:
@@ -86,9 +102,9 @@ def test_a_reduced_capture_scores_exactly_as_the_full_one(demo_models, cnn_basel
 
 
 def test_a_reduced_capture_of_a_wide_model_keeps_neither_pixels_nor_wide_maps(narrow_resnet):
-    """What calibration keeps of an input of the width-8 ResNet-18: logits, the squeezed copies' logits, the default
-    layers (channel means of the 8,192-unit maps, the smaller maps whole) and the topology features; the whole
-    tensors of the edge-budget window are dropped once their features are computed."""
+    """What calibration keeps of an input of the width-8 ResNet-18: logits, the default layers (channel means of the
+    8,192-unit maps, the smaller maps whole) and the topology and feature-squeezing features; the whole tensors of
+    the edge-budget window and the squeezed copies' logits are dropped once their features are computed."""
     from detector.calibration import build_scorers
 
     clf = OnnxClassifier(narrow_resnet.path)
@@ -101,7 +117,7 @@ def test_a_reduced_capture_of_a_wide_model_keeps_neither_pixels_nor_wide_maps(na
     assert len(reduced) == 6 and reduced.inputs is None and window
     assert set(reduced.activations) == set(hidden) and not set(window) & set(reduced.activations)
     assert max(a[0].size for a in reduced.activations.values()) <= WIDE_LAYER_UNITS
-    assert set(reduced.squeezed_logits) == {"bit_depth_1", "median_2x2"}
+    assert not reduced.squeezed_logits and reduced.features["feature_squeezing"].shape == (6,)
     assert reduced.features["induced_persistence"].shape[0] == 6
 
 
