@@ -18,7 +18,8 @@ spec                   meaning
 ``DIR``                a folder with exactly one ``*images-idx3-ubyte[.gz]`` and its ``*labels-idx1-ubyte[.gz]``
 ``FILE-idx3-ubyte``    an IDX images file (gzipped or raw); labels are the matching ``labels-idx1`` file
 ``IMAGE_DIR``          PNG/JPEG images in class subfolders (or unlabelled, directly in the folder), read with a
-                       :class:`~detector.preprocessing.Preprocessing` (resize, centre crop, channels)
+                       :class:`~detector.preprocessing.Preprocessing` (resize, centre crop, channels); more than
+                       :data:`LAZY_BYTES` of them as float32 are decoded batch by batch (:class:`FolderImages`)
 =====================  ======================================================================================
 """
 
@@ -32,10 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from detector.errors import DataError
-from detector.preprocessing import Preprocessing, is_image_folder, read_image_folder
+from detector.preprocessing import Preprocessing, image_files, is_image_folder, read_images
 
-__all__ = ["Dataset", "NpzImages", "Rows", "load_dataset", "digits_split", "read_idx", "DIGITS_SPLIT_SEED", "LAZY_BYTES",
-           "MNIST_DIR"]
+__all__ = ["Dataset", "FolderImages", "LazyImages", "NpzImages", "Rows", "load_dataset", "digits_split", "read_idx",
+           "DIGITS_SPLIT_SEED", "LAZY_BYTES", "MNIST_DIR"]
 
 #: Seed of the fixed digits split; changing it changes every demo model and baseline.
 DIGITS_SPLIT_SEED = 0
@@ -53,9 +54,9 @@ class Dataset:
 
     Attributes
     ----------
-    x : ndarray of shape (n_samples, C, H, W), float32 in [0, 1], or NpzImages
-        The images; a large uncompressed ``.npz`` gives an :class:`NpzImages`, whose slices and index
-        arrays read those rows from the file (what streaming does, :mod:`detector.stream`).
+    x : ndarray of shape (n_samples, C, H, W), float32 in [0, 1], or LazyImages
+        The images; a large uncompressed ``.npz`` or image folder gives a :class:`LazyImages`, whose slices
+        and index arrays read those rows only (what streaming does, :mod:`detector.stream`).
     y : ndarray of shape (n_samples,), int64
     name : str
         Where it came from (the spec), for reports.
@@ -81,12 +82,12 @@ class Rows:
 
     Parameters
     ----------
-    x : ndarray or NpzImages of shape (n, ...)
+    x : ndarray or LazyImages of shape (n, ...)
     index : ndarray of int, optional
         Rows of ``x``, in this order (default: all).
     """
 
-    def __init__(self, x: "np.ndarray | NpzImages", index: np.ndarray | None = None):
+    def __init__(self, x: "np.ndarray | LazyImages", index: np.ndarray | None = None):
         self.x = x
         self.index = np.arange(len(x)) if index is None else np.asarray(index, dtype=np.int64).reshape(-1)
 
@@ -107,20 +108,15 @@ class Rows:
         return np.asarray(self.x[self.index[rows]], dtype=np.float32)
 
 
-class NpzImages:
-    """The images ``x`` of an uncompressed ``.npz``, read row by row from the file (never mapped into memory).
+class LazyImages:
+    """Images read only when indexed: ``x[key]`` for an integer, a slice, an integer array or a boolean mask
+    is a float32 ndarray, as if the array had been loaded; ``numpy.asarray`` reads everything.
 
-    Behaves as the float32 array ``load_dataset`` would have loaded: ``shape``, ``len``, and indexing by an
-    integer, a slice, an integer array or a boolean mask return float32 ndarrays (uint8 pixels / 255);
-    ``numpy.asarray`` reads everything. Each read is one ``os.pread`` per run of consecutive rows, into a
-    fresh buffer, so that the process's memory holds only what was asked for.
+    Large data sets are given as such (:class:`NpzImages`, :class:`FolderImages`), so that streaming
+    (:mod:`detector.stream`) holds one batch of pixels at a time. Subclasses read rows in :meth:`_read`.
     """
 
-    def __init__(self, path: str | os.PathLike[str], offset: int, dtype: np.dtype, shape: tuple[int, ...]):
-        self.path = Path(path)
-        self._offset = int(offset)
-        self._stored = np.dtype(dtype)
-        self._row_items = int(np.prod(shape[1:]))
+    def __init__(self, shape: tuple[int, ...]):
         self.shape = tuple(int(d) for d in shape)
         self.dtype = np.dtype(np.float32)
         self.ndim = len(self.shape)
@@ -128,8 +124,38 @@ class NpzImages:
     def __len__(self) -> int:
         return self.shape[0]
 
-    def head(self, n: int) -> "NpzImages":
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def head(self, n: int) -> "LazyImages":
         """The first ``n`` rows, still unread."""
+        raise NotImplementedError
+
+    def __getitem__(self, key: "int | slice | np.ndarray") -> np.ndarray:
+        if isinstance(key, (int, np.integer)):
+            return self._read(np.arange(len(self))[[key]])[0]
+        return self._read(np.arange(len(self))[key].reshape(-1))
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        x = self[:]
+        return x if dtype is None else x.astype(dtype, copy=False)
+
+
+class NpzImages(LazyImages):
+    """The images ``x`` of an uncompressed ``.npz``, read row by row from the file (never mapped into memory).
+
+    uint8 pixels are divided by 255 as they are read. Each read is one ``os.pread`` per run of consecutive
+    rows, into a fresh buffer, so that the process's memory holds only what was asked for.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], offset: int, dtype: np.dtype, shape: tuple[int, ...]):
+        super().__init__(shape)
+        self.path = Path(path)
+        self._offset = int(offset)
+        self._stored = np.dtype(dtype)
+        self._row_items = int(np.prod(shape[1:]))
+
+    def head(self, n: int) -> "NpzImages":
         return NpzImages(self.path, self._offset, self._stored, (min(int(n), len(self)), *self.shape[1:]))
 
     def _read(self, rows: np.ndarray) -> np.ndarray:
@@ -148,14 +174,26 @@ class NpzImages:
                 start = stop
         return _as_float32(out.reshape(len(rows), *self.shape[1:]))
 
-    def __getitem__(self, key: "int | slice | np.ndarray") -> np.ndarray:
-        if isinstance(key, (int, np.integer)):
-            return self._read(np.arange(len(self))[[key]])[0]
-        return self._read(np.arange(len(self))[key].reshape(-1))
 
-    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
-        x = self[:]
-        return x if dtype is None else x.astype(dtype, copy=False)
+class FolderImages(LazyImages):
+    """A folder's images, decoded and preprocessed when read (:func:`detector.preprocessing.read_images`)."""
+
+    def __init__(self, files: list[Path], preprocessing: Preprocessing, shape: tuple[int, ...], source: str):
+        super().__init__(shape)
+        self.files = list(files)
+        self.preprocessing = preprocessing
+        self.source = source
+
+    def head(self, n: int) -> "FolderImages":
+        return FolderImages(self.files[:n], self.preprocessing, (min(int(n), len(self)), *self.shape[1:]), self.source)
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        x = read_images([self.files[r] for r in rows], self.preprocessing, self.source) if len(rows) else \
+            np.empty((0, *self.shape[1:]), np.float32)
+        if x.shape[1:] != self.shape[1:]:
+            raise DataError(f"{self.source}: images of shape {x.shape[1:]} after preprocessing, the first one has "
+                            f"{self.shape[1:]}: give a resize and a centre crop")
+        return x
 
 
 def _npz_member(path: Path, name: str) -> tuple[int, np.dtype, tuple[int, ...]] | None:
@@ -249,8 +287,8 @@ def _as_images(x: np.ndarray, source: str) -> np.ndarray:
     return _as_float32(x[:, None] if x.ndim == 3 else x)
 
 
-def _pair(x: "np.ndarray | NpzImages", y: np.ndarray | None, source: str) -> Dataset:
-    x = x if isinstance(x, NpzImages) else _as_images(np.asarray(x), source)
+def _pair(x: "np.ndarray | LazyImages", y: np.ndarray | None, source: str) -> Dataset:
+    x = x if isinstance(x, LazyImages) else _as_images(np.asarray(x), source)
     y = np.full(len(x), -1, np.int64) if y is None else np.asarray(y)
     if y.ndim != 1 or y.dtype.kind not in "iu":
         raise DataError(f"{source}: labels must be a 1-D integer array, got shape {y.shape} dtype {y.dtype}")
@@ -258,7 +296,7 @@ def _pair(x: "np.ndarray | NpzImages", y: np.ndarray | None, source: str) -> Dat
         raise DataError(f"{source}: {len(x)} images but {len(y)} labels")
     if len(x) == 0:
         raise DataError(f"{source}: the data set is empty")
-    return Dataset(x if isinstance(x, NpzImages) else np.ascontiguousarray(x), y.astype(np.int64), source)
+    return Dataset(x if isinstance(x, LazyImages) else np.ascontiguousarray(x), y.astype(np.int64), source)
 
 
 def _idx_label_file(images: Path) -> Path:
@@ -307,10 +345,14 @@ def load_dataset(spec: str, require_labels: bool = True, preprocessing: Preproce
                         "file or folder")
     if path.is_dir() and not any("images-idx3-ubyte" in p.name for p in path.iterdir()) and is_image_folder(path):
         preprocessing = preprocessing or Preprocessing()
-        x, y, _ = read_image_folder(path, preprocessing)
+        files, y, _ = image_files(path)
         if require_labels and (y < 0).any():
             raise DataError(f"{path}: labelled data needs one subfolder of images per class")
-        return Dataset(x, y, str(path), preprocessing)
+        first = preprocessing.pixels(files[0])
+        if len(files) * first.size * 4 > LAZY_BYTES:  # decoded batch by batch when read
+            return Dataset(FolderImages(files, preprocessing, (len(files), *first.shape), str(path)), y, str(path),
+                           preprocessing)
+        return Dataset(read_images(files, preprocessing, path), y, str(path), preprocessing)
     if path.is_dir():
         images = sorted(p for p in path.iterdir() if "images-idx3-ubyte" in p.name)
         if len(images) != 1:

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from detector.capture import Capture
-from detector.data import NpzImages, Rows
+from detector.data import LazyImages, Rows
 from detector.model import OnnxClassifier
 from detector.scorers.base import Scorer
 from detector.squeeze import run_with_squeezers
@@ -23,7 +23,7 @@ from detector.squeeze import run_with_squeezers
 __all__ = ["reduced_capture"]
 
 
-def reduced_capture(model: OnnxClassifier, x: "np.ndarray | NpzImages | Rows", scorers: Sequence[Scorer],
+def reduced_capture(model: OnnxClassifier, x: "np.ndarray | LazyImages | Rows", scorers: Sequence[Scorer],
                     keep: Sequence[str] = (), batch_size: int | None = None) -> Capture:
     """The reduced capture of the inputs ``x`` for ``scorers``, computed batch by batch.
 
@@ -31,7 +31,7 @@ def reduced_capture(model: OnnxClassifier, x: "np.ndarray | NpzImages | Rows", s
     ----------
     model : OnnxClassifier
         Capturing at least what the scorers read (their :meth:`~detector.scorers.base.Scorer.required_tensors`).
-    x : ndarray, NpzImages or Rows of shape (n_samples, ...)
+    x : ndarray, LazyImages or Rows of shape (n_samples, ...)
         The inputs; only ``x[a:b]`` slices are read.
     scorers : sequence of Scorer
         Their squeezers run in the same ONNX Runtime pass; their :meth:`kept_tensors` are kept and their
