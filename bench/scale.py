@@ -124,6 +124,9 @@ def _serve_child(model: str, baseline: str, data_path: str, repeats: int) -> dic
     from detector.model import session_options
     from detector.pipeline import Detector
 
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")  # as the server does (service/server.py)
     data = _lazy(Path(data_path))
     x = np.asarray(data.x[len(data) - repeats - 3:])
     session = ort.InferenceSession(model, session_options(1), providers=["CPUExecutionProvider"])
