@@ -11,6 +11,7 @@ Models are built when missing, so any benchmark runs on a fresh clone.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,17 +66,18 @@ def lenet5() -> tuple[Path, Path]:
     return MODELS / "lenet5.onnx", MODELS / "lenet5.pt"
 
 
-def start_server(model: Path, baseline: Path, **settings: str) -> tuple[subprocess.Popen, int, int]:
+def start_server(model: Path, baseline: Path, **settings: str) -> tuple[subprocess.Popen, int, int, int]:
     """``advdetect serve`` on 127.0.0.1 (free ports) in a subprocess, with ``ADVDETECT_<NAME>`` set from
-    ``settings``; returns the process, its gRPC port and its metrics port once it is ready."""
+    ``settings``; returns the process, its gRPC, metrics and health ports once it is ready."""
     env = {**os.environ, "ADVDETECT_GRPC_HOST": "127.0.0.1", "ADVDETECT_METRICS_HOST": "127.0.0.1",
            **{f"ADVDETECT_{name.upper()}": value for name, value in settings.items()}}
     proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", "--model", str(model), "--baseline",
-                             str(baseline), "--grpc-port", "0", "--metrics-port", "0"],
+                             str(baseline), "--grpc-port", "0", "--metrics-port", "0", "--health-port", "0"],
                             stdout=subprocess.PIPE, text=True, env=env)
     line = proc.stdout.readline() if proc.stdout else ""
-    if "advdetect serving" not in line:
+    started = re.search(r"on port (\d+), metrics on port (\d+), health on port (\d+)", line)
+    if started is None:
         proc.kill()
         raise RuntimeError(f"server did not start: {line!r}")
-    ports = line.split(" on port ")
-    return proc, int(ports[1].split(",")[0]), int(ports[2].split()[0])
+    grpc_port, metrics_port, health_port = (int(p) for p in started.groups())
+    return proc, grpc_port, metrics_port, health_port

@@ -7,12 +7,14 @@ gRPC channels (requests serialised once, bytes on the wire):
    robin from 4 callers: status codes by kind, the INTERNAL and UNKNOWN counts, and the server's RSS before
    (after a warm-up of 2,000 malformed requests, and before any) and after;
 2. **stall probes** (``--stall-seconds``): 4 callers send the heaviest requests the limits allow to fail
-   (20,000 input entries, 600,000 dimensions, 16 MiB of garbage) while one caller checks health and
-   another sends valid requests, back to back: their p99 latencies and the largest health-check delay;
+   (20,000 input entries, 600,000 dimensions, 16 MiB of garbage) while one caller per port checks health
+   (``health_port`` and ``grpc_port``) and another sends valid requests, back to back: their p99 latencies
+   and the largest health-check delay;
 3. **overload**: a server with ``max_inflight_requests`` 4 (``workers`` at its default, 4); 4 callers
    first (the normal latency), 8 (the limit always full), then 64 callers, from :mod:`overload_client`
    (one thread, its own process), with a fixed and an exponential retry backoff: OK and RESOURCE_EXHAUSTED
-   counts and the admitted calls' latency, in the client and in the server;
+   counts and the admitted calls' latency, in the client and in the server; health checks on both ports
+   throughout;
 4. **SIGKILL trials** (``--kills`` per mode): 4 callers send flagged inputs; the server is killed after
    ``--kill-after-s``; the answered flagged records missing from the audit log are counted, with how long
    before the kill each was answered. Default mode (``audit_flush_batch_size`` 8, interval 1 s) against
@@ -40,6 +42,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from typing import TypeVar
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,7 @@ STREAM = "/advdetect.v1.Detector/DetectStream"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 HEALTH = "/grpc.health.v1.Health/Check"
 HOST = "127.0.0.1"
+T = TypeVar("T")
 #: The benchmark (every client, and the overload client's process) runs on this CPU and each server on the
 #: others, so that latencies measure the server, not clients competing with it for the cores: in production
 #: the clients run elsewhere. On one CPU both share it.
@@ -236,31 +240,49 @@ def _timed_loop(port: int, method: str, payload: bytes, stop: threading.Event, o
             time.sleep(0.005)
 
 
-def _stall(port: int, x: np.ndarray, seconds: float) -> dict:
-    from grpc_health.v1 import health_pb2
-
-    health = health_pb2.HealthCheckRequest(service="").SerializeToString()
+def _watched(targets: dict[str, tuple[int, str, bytes]], during: Callable[[], T]) -> tuple[T, dict[str, dict]]:
+    """Run ``during()`` while one caller per target sends its request back to back (5 ms apart, own
+    connection); returns what ``during`` returned and, per target, its calls' status codes and latency
+    quantiles (ms)."""
     stop = threading.Event()
-    health_ms: list[float] = []
-    valid_ms: list[float] = []
-    probe_codes: Counter = Counter()
-    health_codes: Counter = Counter()
-    valid_codes: Counter = Counter()
-    probes = stall_probes(x)
-    threads = [threading.Thread(target=_timed_loop, args=(port, HEALTH, health, stop, health_ms, health_codes)),
-               threading.Thread(target=_timed_loop, args=(port, INFER, valid_request(x), stop, valid_ms, valid_codes))]
-    threads += [threading.Thread(target=_timed_loop, args=(port, m, p, stop, [], probe_codes))
-                for m, p in probes + probes[:1]]
+    seen = {name: ([], Counter()) for name in targets}
+    threads = [threading.Thread(target=_timed_loop, args=(*targets[name], stop, *seen[name])) for name in targets]
     for t in threads:
         t.start()
-    time.sleep(seconds)
-    stop.set()
-    for t in threads:
-        t.join()
-    h, v = np.asarray(health_ms) * 1e3, np.asarray(valid_ms) * 1e3
-    return {"health_n": h.size, "health_p50": np.median(h), "health_p99": np.percentile(h, 99), "health_max": h.max(),
-            "valid_n": v.size, "valid_p50": np.median(v), "valid_p99": np.percentile(v, 99),
-            "probe_codes": probe_codes, "health_codes": health_codes, "valid_codes": valid_codes}
+    try:
+        result = during()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    stats = {}
+    for name, (seconds, codes) in seen.items():
+        ms = np.asarray(seconds) * 1e3
+        stats[name] = {"n": ms.size, "codes": codes, "p50": np.median(ms), "p99": np.percentile(ms, 99), "max": ms.max()}
+    return result, stats
+
+
+def _watch_table(stats: dict[str, dict]) -> list[str]:
+    """Markdown rows of :func:`_watched`'s statistics."""
+    return ["| caller | calls | p50 ms | p99 ms | max ms | status codes |", "|---|---|---|---|---|---|",
+            *(f"| {name} | {r['n']} | {r['p50']:.2f} | {r['p99']:.2f} | {r['max']:.2f} | {dict(r['codes'])} |"
+              for name, r in stats.items()), ""]
+
+
+def _health_targets(port: int, health_port: int) -> dict[str, tuple[int, str, bytes]]:
+    from grpc_health.v1 import health_pb2
+
+    check = health_pb2.HealthCheckRequest(service="").SerializeToString()
+    return {"health (health_port)": (health_port, HEALTH, check), "health (grpc_port)": (port, HEALTH, check)}
+
+
+def _stall(port: int, health_port: int, x: np.ndarray, seconds: float) -> dict[str, dict]:
+    """Stall probes from 4 callers for ``seconds`` while health checks (both ports) and valid requests are timed."""
+    probes = stall_probes(x)
+    targets = {**_health_targets(port, health_port), "valid ModelInfer": (port, INFER, valid_request(x)),
+               **{f"stall probe {i}": (port, m, p) for i, (m, p) in enumerate(probes + probes[:1])}}
+    _, stats = _watched(targets, lambda: time.sleep(seconds))
+    return stats
 
 
 def _pin(pid: int, cpus: set[int]) -> None:
@@ -269,11 +291,11 @@ def _pin(pid: int, cpus: set[int]) -> None:
         os.sched_setaffinity(int(task.name), cpus)
 
 
-def _serve(model: Path, baseline: Path, **settings: str) -> tuple[subprocess.Popen, int, int]:
+def _serve(model: Path, baseline: Path, **settings: str) -> tuple[subprocess.Popen, int, int, int]:
     """:func:`common.start_server` with the server pinned to :data:`SERVER_CPUS`."""
-    proc, port, metrics_port = start_server(model, baseline, **settings)
+    proc, port, metrics_port, health_port = start_server(model, baseline, **settings)
     _pin(proc.pid, SERVER_CPUS)
-    return proc, port, metrics_port
+    return proc, port, metrics_port, health_port
 
 
 def _overload_run(port: int, payload: bytes, callers: int, seconds: float, policy: str) -> dict:
@@ -328,7 +350,7 @@ def _kill_trial(model: Path, baseline: Path, x: np.ndarray, sync: bool, kill_aft
 
     folder = Path(tempfile.mkdtemp(prefix="advdetect-hostile-"))
     audit = folder / "audit.jsonl"
-    proc, port, _ = _serve(model, baseline, log_level="ERROR", audit_log_path=str(audit), audit_flush_batch_size="8",
+    proc, port, _, _ = _serve(model, baseline, log_level="ERROR", audit_log_path=str(audit), audit_flush_batch_size="8",
                               audit_flush_interval_s="1.0", audit_sync=str(sync).lower())
     noisy = np.clip(x[:2] + np.random.default_rng(1).normal(0, 0.7, x[:2].shape), 0, 1).astype(np.float32)
     answered: dict[str, tuple[int, float]] = {}
@@ -416,7 +438,7 @@ def main() -> None:
              "that client work does not slow the server (in production the clients run elsewhere); other jobs on "
              f"the machine still share the CPUs (load average at the start: {os.getloadavg()[0]:.1f}).", ""]
 
-    proc, port, _ = _serve(model, baseline, log_level="ERROR")
+    proc, port, _, health_port = _serve(model, baseline, log_level="ERROR")
     try:
         rss_start = _rss_mib(proc.pid)
         _send(port, kinds, 2_000)
@@ -426,7 +448,7 @@ def main() -> None:
         elapsed = time.perf_counter() - t0
         rss_end = _rss_mib(proc.pid)
         stream = _stream_garbage(port, _detect_bytes(x))
-        stall = _stall(port, x, args.stall_seconds)
+        stall = _stall(port, health_port, x, args.stall_seconds)
         rss_stall = _rss_mib(proc.pid)
     finally:
         _stop(proc)
@@ -444,24 +466,27 @@ def main() -> None:
               f"{rss_stall:.1f} MiB after the stall phase.", "",
               f"## 2. Stall probes ({args.stall_seconds:.0f} s)", "",
               "4 callers send 20,000-input ModelInfer requests (two of them), 600,000-dimension shapes and 16 MiB "
-              "of garbage, back to back; one caller checks health and one sends valid single-input requests "
-              "(each pausing 5 ms between calls).", "",
-              "| caller | calls | p50 ms | p99 ms | max ms | status codes |", "|---|---|---|---|---|---|",
-              f"| health | {stall['health_n']} | {stall['health_p50']:.2f} | {stall['health_p99']:.2f} | "
-              f"{stall['health_max']:.2f} | {dict(stall['health_codes'])} |",
-              f"| valid ModelInfer | {stall['valid_n']} | {stall['valid_p50']:.2f} | {stall['valid_p99']:.2f} | | "
-              f"{dict(stall['valid_codes'])} |",
-              f"| stall probes | {sum(stall['probe_codes'].values())} | | | | {dict(stall['probe_codes'])} |", ""]
+              "of garbage, back to back; one caller checks health on each port (`health_port`, the health-only "
+              "server probes use, and `grpc_port`) and one sends valid single-input requests (each pausing 5 ms "
+              "between calls).", ""]
+    probes = Counter()
+    for name in [n for n in stall if n.startswith("stall probe")]:
+        probes.update(stall.pop(name)["codes"])
+    lines += _watch_table(stall) + [f"Stall probes: {sum(probes.values())} calls, {dict(probes)}.", ""]
 
-    proc, port, metrics_port = _serve(model, baseline, log_level="ERROR", max_inflight_requests="4")
+    proc, port, metrics_port, health_port = _serve(model, baseline, log_level="ERROR", max_inflight_requests="4")
     runs = []
-    try:
+
+    def overload() -> None:
         for callers, policy, seconds in ((4, "fixed", args.overload_seconds / 2), (8, "fixed", args.overload_seconds / 2),
                                          (64, "fixed", args.overload_seconds), (64, "exponential", args.overload_seconds)):
             before = _server_buckets(metrics_port)
             run = _overload_run(port, valid_request(x), callers, seconds, policy)
             run["server"] = _quantiles(before, _server_buckets(metrics_port))
             runs.append((callers, policy, run))
+
+    try:
+        _, overload_health = _watched(_health_targets(port, health_port), overload)
     finally:
         _stop(proc)
     lines += ["## 3. Overload: `max_inflight_requests` 4, `workers` 4 (default)", "",
@@ -478,7 +503,8 @@ def main() -> None:
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {n} | {policy} | {r['codes']} | {r['p50']:.2f} | {r['p99']:.2f} | {r['server'][0]:.1f} | "
               f"{r['server'][1]:.1f} |" for n, policy, r in runs]
-    lines += [""]
+    lines += ["", "Health checks on each port during all four runs (one caller per port, 5 ms between calls):", ""]
+    lines += _watch_table(overload_health)
 
     lines += ["## 4. SIGKILL with flagged traffic (4 callers, batch 8, interval 1 s, killed after "
               f"{args.kill_after_s:g} s)", "",

@@ -166,7 +166,7 @@ def _audit_cost(model: Path, baseline: Path, inputs: np.ndarray, callers: int, s
     out = {}
     for sync in (False, True):
         with tempfile.TemporaryDirectory(prefix="advdetect-load-") as folder:
-            proc, port, _ = start_server(model, baseline, workers="4", processes="1", max_inflight_requests="256",
+            proc, port, _, _ = start_server(model, baseline, workers="4", processes="1", max_inflight_requests="256",
                                          audit_log_path=str(Path(folder) / "audit.jsonl"), audit_sync=str(sync).lower())
             try:
                 warm = _run(port, "digits_cnn", noisy, 1, 1.0, True)
@@ -193,7 +193,7 @@ def main() -> None:
     rows, paired = [], {}
     prepared = _prepare()
     for name, (model, baseline, inputs) in prepared.items():
-        proc, port, _ = start_server(model, baseline, workers=str(args.workers), processes=str(args.processes),
+        proc, port, _, _ = start_server(model, baseline, workers=str(args.workers), processes=str(args.processes),
                                   max_inflight_requests="256")
         try:
             _check_outputs(port, name, inputs)

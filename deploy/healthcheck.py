@@ -10,7 +10,8 @@ Usage::
     python healthcheck.py [--address HOST:PORT] [--service NAME ...] [--timeout-s S]
                           [--tls-ca FILE [--tls-cert FILE --tls-key FILE] [--server-name NAME]]
 
-``--address`` defaults to ``127.0.0.1:$ADVDETECT_GRPC_PORT`` (50051 when unset). ``--service`` may be
+``--address`` defaults to ``127.0.0.1:$ADVDETECT_HEALTH_PORT`` (50052 when unset): the server's
+health-only port, which data-plane overload cannot refuse. ``--service`` may be
 repeated; the default checks both the whole server (``""``) and ``advdetect.v1.Detector``, which the
 server reports NOT_SERVING until the model and baseline are loaded and warmed up, and again while
 draining after SIGTERM. Exit status: 0 when every service checked is SERVING, 1 otherwise (Docker
@@ -33,11 +34,11 @@ __all__ = ["DEFAULT_SERVICES", "check", "main"]
 
 #: Health service names checked by default: the whole server and the native Detector API.
 DEFAULT_SERVICES: tuple[str, ...] = ("", "advdetect.v1.Detector")
-_DEFAULT_GRPC_PORT = 50051
+_DEFAULT_HEALTH_PORT = 50052
 
 
 def _default_address() -> str:
-    port = os.environ.get("ADVDETECT_GRPC_PORT", "").strip() or str(_DEFAULT_GRPC_PORT)
+    port = os.environ.get("ADVDETECT_HEALTH_PORT", "").strip() or str(_DEFAULT_HEALTH_PORT)
     return f"127.0.0.1:{port}"
 
 
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the check; return 0 when every service is SERVING, else 1."""
     parser = argparse.ArgumentParser(description="gRPC health check of an advdetect server")
     parser.add_argument("--address", default=_default_address(),
-                        help="host:port (default 127.0.0.1:$ADVDETECT_GRPC_PORT, else 127.0.0.1:50051)")
+                        help="host:port (default 127.0.0.1:$ADVDETECT_HEALTH_PORT, else 127.0.0.1:50052)")
     parser.add_argument("--service", action="append", default=None,
                         help="health service name, repeatable (default: '' and advdetect.v1.Detector)")
     parser.add_argument("--timeout-s", type=float, default=3.0, help="deadline of each call in seconds (default 3)")

@@ -200,6 +200,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config, model_path=args.model, baseline_path=args.baseline,
                              model_name=args.model_name, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                             health_port=args.health_port,
                              processes=args.processes)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     serve(settings)
@@ -298,6 +299,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="name clients use (default: the ONNX file's stem)")
     p.add_argument("--config", default=None, help="TOML settings file (ADVDETECT_* environment variables also apply)")
     p.add_argument("--grpc-port", type=int, default=None, help="gRPC port (default 50051)")
+    p.add_argument("--health-port", type=int, default=None,
+                   help="port of the health-only gRPC server that probes should use (default 50052)")
     p.add_argument("--metrics-port", type=int, default=None, help="Prometheus /metrics port (default 9100)")
     p.add_argument("--processes", type=int, default=None,
                    help="server processes sharing the port (default 1; set to the number of cores)")

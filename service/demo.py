@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100, help="clean inputs sent (and attacked)")
     parser.add_argument("--grpc-port", type=int, default=0, help="default 0: any free port")
     parser.add_argument("--metrics-port", type=int, default=0, help="default 0: any free port")
+    parser.add_argument("--health-port", type=int, default=0, help="default 0: any free port")
     args = parser.parse_args()
     models, baseline = Path(args.models), Path(args.baseline)
     ensure_artifacts(models, baseline)
@@ -87,7 +88,8 @@ def main() -> None:
            "ADVDETECT_AUDIT_LOG_PATH": str(audit)}
     server = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", "--model", str(models / "digits_cnn.onnx"),
                                "--baseline", str(baseline), "--grpc-port", str(args.grpc_port), "--metrics-port",
-                               str(args.metrics_port)], stdout=subprocess.PIPE, text=True, env=env)
+                               str(args.metrics_port), "--health-port", str(args.health_port)],
+                              stdout=subprocess.PIPE, text=True, env=env)
     line = server.stdout.readline() if server.stdout else ""
     started = re.search(r"advdetect serving .* on port (\d+), metrics on port (\d+)", line)
     if started is None:

@@ -41,13 +41,18 @@ from service.servicers import DetectorServicer, InferenceServicer
 from service.settings import ServiceSettings, SettingsError
 from service.wire import RawRequestInterceptor
 
-__all__ = ["CONTROL_THREADS", "RunningServer", "SWITCH_INTERVAL_S", "create_server", "serve", "stop_event"]
+__all__ = ["CONTROL_THREADS", "HEALTH_THREADS", "RunningServer", "SWITCH_INTERVAL_S", "create_server", "serve", "stop_event"]
 
 logger = logging.getLogger("advdetect.server")
 
-#: Threads (and concurrent calls) beyond ``max_inflight_requests`` for health and reflection, which the
-#: in-flight bound does not count: a full data plane never delays a health check.
+#: Threads (and concurrent calls) of the main server beyond ``max_inflight_requests``: for health and
+#: reflection on ``grpc_port``, which the in-flight bound does not count, and for refusing data-plane calls
+#: at the bound with a counted RESOURCE_EXHAUSTED. A flood fills them too; grpc then refuses any further
+#: call itself (uncounted), a health check there included: probes belong on ``health_port``.
 CONTROL_THREADS = 8
+#: Threads of the health server (:attr:`~service.settings.ServiceSettings.health_port`): a check takes
+#: microseconds, so two answer any probe rate an orchestrator sends.
+HEALTH_THREADS = 2
 DETECT_STREAM = f"/{DETECTOR_SERVICE}/DetectStream"
 
 
@@ -58,6 +63,8 @@ class RunningServer:
     server: grpc.Server
     port: int
     health: health.HealthServicer
+    health_server: grpc.Server
+    health_port: int
     core: DetectionCore
     metrics: ServiceMetrics
     metrics_server: MetricsServer | None
@@ -67,8 +74,9 @@ class RunningServer:
     def stop(self, grace_s: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
         grace = self.settings.grace_period_s if grace_s is None else grace_s
-        self.health.enter_graceful_shutdown()
+        self.health.enter_graceful_shutdown()  # both ports report NOT_SERVING while the data plane drains
         self.server.stop(grace).wait()
+        self.health_server.stop(None)
         self.core.stop()
         if self.audit is not None:
             self.audit.close()
@@ -95,7 +103,7 @@ def create_server(settings: ServiceSettings, registry: CollectorRegistry | None 
     ModelError, BaselineError
         The model or baseline cannot be used (the message says why).
     SettingsError
-        The gRPC port cannot be bound (in use: only several processes of one server share a port).
+        The gRPC or health port cannot be bound (in use: only several processes of one server share them).
     """
     health_servicer = health.HealthServicer()
     all_services = ("", *SERVED_SERVICES)
@@ -123,11 +131,14 @@ def create_server(settings: ServiceSettings, registry: CollectorRegistry | None 
         maximum_concurrent_rpcs=threads,
     )
     credentials = settings.server_credentials()
-    address = settings.grpc_address
-    try:
-        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
-        raise SettingsError(f"cannot listen on {address} (grpc_port in use, or the host is not local?): {exc}") from None
+    port = _listen(server, settings.grpc_address, credentials, "grpc_port")
+    # Probes get a server of their own: data-plane calls refused at the in-flight bound still take the
+    # main server's call slots, so a health check there can be refused under overload (measured:
+    # bench/hostile.py); here no data-plane call is ever counted or queued.
+    health_server = grpc.server(futures.ThreadPoolExecutor(max_workers=HEALTH_THREADS, thread_name_prefix="advdetect-health"),
+                                options=settings.grpc_options())
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+    health_port = _listen(health_server, settings.health_address, credentials, "health_port")
     audit = AuditLog.from_settings(settings)
     if audit is not None:
         audit.start()
@@ -141,12 +152,23 @@ def create_server(settings: ServiceSettings, registry: CollectorRegistry | None 
     enable_reflection(server)
     metrics_server = start_metrics_server(registry, settings.metrics_port, settings.metrics_host) if serve_metrics else None
     server.start()
+    health_server.start()
     core.warm_up()
     for name in all_services:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    logger.info("serving %s (baseline %s) on port %d%s%s", core.model_name, detector.version, port,
-                f", metrics on port {metrics_server.port}" if metrics_server else "", " with TLS" if credentials else "")
-    return RunningServer(server, port, health_servicer, core, metrics, metrics_server, audit, settings)
+    logger.info("serving %s (baseline %s) on port %d, health on port %d%s%s", core.model_name, detector.version, port,
+                health_port, f", metrics on port {metrics_server.port}" if metrics_server else "",
+                " with TLS" if credentials else "")
+    return RunningServer(server, port, health_servicer, health_server, health_port, core, metrics, metrics_server, audit,
+                         settings)
+
+
+def _listen(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None, setting: str) -> int:
+    """Bind ``server`` to ``address`` (TLS when ``credentials``); the bound port, or SettingsError naming ``setting``."""
+    try:
+        return server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        raise SettingsError(f"cannot listen on {address} ({setting} in use, or the host is not local?): {exc}") from None
 
 
 #: GIL switch interval of the serving process (Python's default is 5 ms). Worker threads drop the GIL for
@@ -181,7 +203,7 @@ def serve(settings: ServiceSettings) -> None:
     done = stop_event(settings)
     assert running.metrics_server is not None
     print(f"advdetect serving {running.core.model_name} on port {running.port}, "
-          f"metrics on port {running.metrics_server.port}", flush=True)
+          f"metrics on port {running.metrics_server.port}, health on port {running.health_port}", flush=True)
     done.wait()
     running.stop()
     logger.info("stopped")

@@ -61,6 +61,11 @@ class ServiceSettings(BaseSettings):
     grpc_host : str, default "0.0.0.0"
     grpc_port : int, default 50051
         0 picks a free port (tests).
+    health_port : int, default 50052
+        A second gRPC server on ``grpc_host`` with only ``grpc.health.v1.Health``, its own threads and no
+        in-flight bound: probes there are answered however many data-plane calls arrive (the health
+        service on ``grpc_port`` shares that port's bound and may be refused under overload). Same TLS
+        settings as ``grpc_port``; 0 picks a free port.
     metrics_host : str, default "0.0.0.0"
     metrics_port : int, default 9100
         Prometheus ``/metrics`` over HTTP; 0 picks a free port.
@@ -135,6 +140,7 @@ class ServiceSettings(BaseSettings):
 
     grpc_host: str = "0.0.0.0"
     grpc_port: int = Field(50051, ge=0, le=65535)
+    health_port: int = Field(50052, ge=0, le=65535)
     metrics_host: str = "0.0.0.0"
     metrics_port: int = Field(9100, ge=0, le=65535)
 
@@ -206,8 +212,11 @@ class ServiceSettings(BaseSettings):
                 f"model_name: {self.model_name!r} is not a valid name (letters, digits, '_', '.', '-'; "
                 "starting with a letter or digit)"
             )
-        if self.grpc_port != 0 and self.grpc_port == self.metrics_port:
-            problems.append(f"metrics_port: {self.metrics_port} is also grpc_port; the two need their own ports")
+        ports = {"grpc_port": self.grpc_port, "health_port": self.health_port, "metrics_port": self.metrics_port}
+        for i, (name, port) in enumerate(ports.items()):
+            for other, other_port in list(ports.items())[i + 1:]:
+                if port != 0 and port == other_port:
+                    problems.append(f"{other}: {other_port} is also {name}; each needs its own port")
         if self.tls_key_path is not None and self.tls_cert_path is None:
             problems.append("tls_key_path is set without tls_cert_path; TLS needs both the certificate and the key")
         if self.tls_cert_path is not None and self.tls_key_path is None:
@@ -244,8 +253,17 @@ class ServiceSettings(BaseSettings):
     @property
     def grpc_address(self) -> str:
         """``host:port`` for ``server.add_*_port`` (IPv6 hosts in brackets)."""
-        host = f"[{self.grpc_host}]" if ":" in self.grpc_host and not self.grpc_host.startswith("[") else self.grpc_host
-        return f"{host}:{self.grpc_port}"
+        return f"{self._bracketed_host}:{self.grpc_port}"
+
+    @property
+    def health_address(self) -> str:
+        """``host:port`` of the health server (:attr:`grpc_host`, IPv6 in brackets)."""
+        return f"{self._bracketed_host}:{self.health_port}"
+
+    @property
+    def _bracketed_host(self) -> str:
+        host = self.grpc_host
+        return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
     def server_credentials(self) -> Any:
         """``grpc.ssl_server_credentials`` from the TLS files, or ``None`` without TLS.

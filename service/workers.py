@@ -8,8 +8,8 @@ Separate processes do not share a lock. Measured on this 2-core machine with ``b
 
 The layout is grpc's multiprocessing example:
 
-- the supervisor (the ``advdetect serve`` process) reserves the port with an ``SO_REUSEPORT`` socket
-  that never listens (so that port 0 resolves to one port for all workers), starts the workers with
+- the supervisor (the ``advdetect serve`` process) reserves the gRPC and health ports with ``SO_REUSEPORT``
+  sockets that never listen (so that port 0 resolves to one port for all workers), starts the workers with
   the ``spawn`` method (a fresh interpreter each: no ONNX Runtime or gRPC state crosses a fork), and
   serves ``/metrics``: the aggregate of what the workers write to a private
   ``PROMETHEUS_MULTIPROC_DIR`` (:mod:`service.metrics`);
@@ -72,9 +72,9 @@ def _reserved_port(host: str, port: int) -> Iterator[int]:
         sock.close()
 
 
-def worker_settings(settings: ServiceSettings, index: int, port: int) -> ServiceSettings:
-    """A worker's settings: the reserved port and its own audit file."""
-    update: dict[str, object] = {"grpc_port": port}
+def worker_settings(settings: ServiceSettings, index: int, port: int, health_port: int) -> ServiceSettings:
+    """A worker's settings: the reserved ports and its own audit file."""
+    update: dict[str, object] = {"grpc_port": port, "health_port": health_port}
     if settings.audit_log_path is not None:
         update["audit_log_path"] = worker_log_path(settings.audit_log_path, index)
     return settings.model_copy(update=update)
@@ -176,18 +176,19 @@ def serve_processes(settings: ServiceSettings) -> None:
     metrics_server = None
     failed = False
     try:
-        with _reserved_port(settings.grpc_host, settings.grpc_port) as port:
+        with _reserved_port(settings.grpc_host, settings.grpc_port) as port, \
+                _reserved_port(settings.grpc_host, settings.health_port) as health_port:
             metrics_server = start_metrics_server(multiprocess_registry(metrics_dir), settings.metrics_port,
                                                   settings.metrics_host)
             for index in range(settings.processes):
                 worker = context.Process(target=_worker, name=f"advdetect-worker-{index}",
-                                         args=(worker_settings(settings, index, port), index, events))
+                                         args=(worker_settings(settings, index, port, health_port), index, events))
                 worker.start()
                 workers.append(worker)
             _wait_ready(workers, events, done)
             if not done.is_set():
                 print(f"advdetect serving {settings.model_name} on port {port}, metrics on port "
-                      f"{metrics_server.port} ({settings.processes} processes)", flush=True)
+                      f"{metrics_server.port}, health on port {health_port} ({settings.processes} processes)", flush=True)
                 failed = _supervise(workers, done)
     finally:
         _stop(workers, settings.grace_period_s)

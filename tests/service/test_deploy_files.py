@@ -432,7 +432,8 @@ def test_dockerfile_healthcheck_ports_command_and_settings(tmp_path: Path, clean
     settings_env = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
     settings = validated_settings(settings_env, tmp_path, clean_env)
     exposed_ports = {int(p.split("/")[0]) for k, a in final_stage if k == "EXPOSE" for p in a.split()}
-    assert exposed_ports == {settings.grpc_port, settings.metrics_port} == {50051, 9100}
+    assert exposed_ports == {settings.grpc_port, settings.metrics_port, settings.health_port} == {50051, 9100, 50052}
+    assert healthcheck_module()._DEFAULT_HEALTH_PORT == settings.health_port  # the port HEALTHCHECK asks
 
     entrypoint = json.loads(next(a for k, a in final_stage if k == "ENTRYPOINT"))
     cmd = json.loads(next(a for k, a in final_stage if k == "CMD"))
@@ -606,8 +607,8 @@ def test_deployment_probes_security_volumes_and_settings(tmp_path: Path, clean_e
     (container,) = spec["containers"]
     assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port}
-    _check_grpc_probes(container, settings.grpc_port, "Deployment", ("startupProbe", "readinessProbe", "livenessProbe"))
+    assert ports == {"grpc": settings.grpc_port, "metrics": settings.metrics_port, "health": settings.health_port}
+    _check_grpc_probes(container, settings.health_port, "Deployment", ("startupProbe", "readinessProbe", "livenessProbe"))
     _check_container_security(container, "Deployment")
     args = container["args"]
     assert args[0] == "serve"
@@ -681,7 +682,8 @@ def test_kserve_example_speaks_the_open_inference_protocol_over_grpc() -> None:
     assert int(args[args.index("--metrics-port") + 1]) == int(runtime["metadata"]["annotations"]["prometheus.kserve.io/port"])
     assert args[args.index("--model") + 1].startswith("/mnt/models/")
     assert args[args.index("--baseline") + 1].startswith("/mnt/models/")
-    _check_grpc_probes(container, ports["h2c"], "ServingRuntime", ("readinessProbe", "livenessProbe"))
+    assert int(args[args.index("--health-port") + 1]) == ports["health"]
+    _check_grpc_probes(container, ports["health"], "ServingRuntime", ("readinessProbe", "livenessProbe"))
     _check_container_security(container, "ServingRuntime")
 
 
@@ -752,7 +754,7 @@ def test_healthcheck_fails_when_nothing_listens(capsys: pytest.CaptureFixture[st
 def test_healthcheck_script_reads_the_port_from_the_environment(health_server) -> None:
     servicer, port = health_server()
     servicer.set(DETECTOR_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    env = {"ADVDETECT_GRPC_PORT": str(port), "PATH": "/usr/bin:/bin"}
+    env = {"ADVDETECT_HEALTH_PORT": str(port), "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, str(DEPLOY / "healthcheck.py")], env=env, capture_output=True,
                             text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -55,7 +55,7 @@ def test_prometheus_sees_the_flag_rate_rise(prometheus_binary, demo_models, cnn_
     from detector.offline.attacks import load_torch_classifier, run_attack
 
     running = create_server(load_settings(None, model_path=demo_models / "digits_cnn.onnx",
-                                          baseline_path=cnn_baseline[0], grpc_port=0, metrics_port=0,
+                                          baseline_path=cnn_baseline[0], grpc_port=0, metrics_port=0, health_port=0,
                                           grpc_host="127.0.0.1", metrics_host="127.0.0.1"))
     prom_port = _free_port()
     (tmp_path / "prometheus.yml").write_text(

@@ -4,6 +4,7 @@ metrics scraped over HTTP, bad inputs, TLS, SIGTERM drain and SIGKILL audit reco
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from service.tensors import tensor_to_proto
 
 def _settings(demo_models: Path, baseline: Path, **extra):
     return load_settings(None, model_path=demo_models / "digits_cnn.onnx", baseline_path=baseline, grpc_port=0,
-                         metrics_port=0, grpc_host="127.0.0.1", metrics_host="127.0.0.1", **extra)
+                         metrics_port=0, health_port=0, grpc_host="127.0.0.1", metrics_host="127.0.0.1", **extra)
 
 
 @pytest.fixture(scope="module")
@@ -258,21 +259,24 @@ def test_tls_with_a_ca_made_in_the_test(demo_models, cnn_baseline, tls_files):
 def test_a_mismatched_or_corrupt_baseline_refuses_to_start(demo_models, cnn_baseline, tmp_path):
     with pytest.raises(BaselineError, match="calibrate a baseline for this model"):
         create_server(load_settings(None, model_path=demo_models / "digits_mlp.onnx", baseline_path=cnn_baseline[0],
-                                    grpc_port=0, metrics_port=0))
+                                    grpc_port=0, metrics_port=0, health_port=0))
     (tmp_path / "manifest.json").write_text("{broken")
     proc = subprocess.run([sys.executable, "-m", "detector.cli", "serve", "--model", str(demo_models / "digits_cnn.onnx"),
-                           "--baseline", str(tmp_path), "--grpc-port", "0", "--metrics-port", "0"],
+                           "--baseline", str(tmp_path), "--grpc-port", "0", "--metrics-port", "0", "--health-port", "0"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "corrupt: not valid JSON" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "detector.cli", "serve", "--model", str(demo_models / "digits_cnn.onnx"),
-                           "--baseline", str(tmp_path), "--grpc-port", "0", "--metrics-port", "0", "--processes", "2"],
+                           "--baseline", str(tmp_path), "--grpc-port", "0", "--metrics-port", "0", "--health-port", "0",
+                           "--processes", "2"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "corrupt: not valid JSON" in proc.stderr, proc.stderr  # a worker's error
 
 
 def test_a_port_in_use_refuses_to_start(demo_models, cnn_baseline, server):
-    with pytest.raises(SettingsError, match="cannot listen on 127.0.0.1"):
+    with pytest.raises(SettingsError, match="cannot listen on 127.0.0.1.*grpc_port in use"):
         create_server(_settings(demo_models, cnn_baseline[0]).model_copy(update={"grpc_port": server.port}))
+    with pytest.raises(SettingsError, match="cannot listen on 127.0.0.1.*health_port in use"):
+        create_server(_settings(demo_models, cnn_baseline[0]).model_copy(update={"health_port": server.health_port}))
 
 
 def _start_subprocess_server(demo_models, baseline, tmp_path, *extra_env) -> tuple[subprocess.Popen, int, int]:
@@ -280,12 +284,12 @@ def _start_subprocess_server(demo_models, baseline, tmp_path, *extra_env) -> tup
     env = {**os.environ, "ADVDETECT_GRPC_HOST": "127.0.0.1", "ADVDETECT_METRICS_HOST": "127.0.0.1",
            "ADVDETECT_GRACE_PERIOD_S": "30", **dict(extra_env)}
     proc = subprocess.Popen([sys.executable, "-m", "detector.cli", "serve", "--model", str(demo_models / "digits_cnn.onnx"),
-                             "--baseline", str(baseline), "--grpc-port", "0", "--metrics-port", "0"],
+                             "--baseline", str(baseline), "--grpc-port", "0", "--metrics-port", "0", "--health-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    line = proc.stdout.readline()  # "advdetect serving digits_cnn on port N, metrics on port M"
-    assert "advdetect serving" in line, (line, proc.stderr.read() if proc.poll() is not None else "")
-    ports = line.split(" on port ")
-    return proc, int(ports[1].split(",")[0]), int(ports[2].split()[0])
+    line = proc.stdout.readline()  # "advdetect serving digits_cnn on port N, metrics on port M, health on port H"
+    started = re.search(r"on port (\d+), metrics on port (\d+), health on port (\d+)", line)
+    assert started, (line, proc.stderr.read() if proc.poll() is not None else "")
+    return proc, int(started[1]), int(started[2])
 
 
 def test_sigterm_drains_in_flight_requests(demo_models, cnn_baseline, tmp_path):
@@ -499,3 +503,48 @@ def test_calls_beyond_max_inflight_are_refused_at_once_whatever_workers_is(demo_
         running.stop(grace_s=1)
     assert set(codes) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_the_health_port_answers_every_probe_while_a_flood_is_refused(demo_models, cnn_baseline):
+    """40 callers with no backoff against an in-flight bound of 2: the main port refuses the excess, some of it
+    in grpc itself once its call slots (the bound plus CONTROL_THREADS) are full, which can refuse a health
+    check there too; the health-only server on ``health_port`` answers every probe."""
+    running = create_server(_settings(demo_models, cnn_baseline[0], max_inflight_requests=2, workers=1))
+    request = detector_pb2.DetectRequest(inputs=tensor_to_proto(load_dataset("digits:test").x[:1]))
+    check = health_pb2.HealthCheckRequest(service="")
+    flood: list[grpc.StatusCode] = []
+    probes: dict[int, list] = {running.health_port: [], running.port: []}
+    stop_at = time.monotonic() + 3.0
+
+    def caller() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            stub = detector_pb2_grpc.DetectorStub(ch)
+            while time.monotonic() < stop_at:
+                try:
+                    stub.Detect(request, timeout=30)
+                    flood.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    flood.append(exc.code())
+
+    def prober(port: int) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while time.monotonic() < stop_at:
+                try:
+                    probes[port].append(stub.Check(check, timeout=30).status)
+                except grpc.RpcError as exc:
+                    probes[port].append(exc.code())
+                time.sleep(0.005)
+
+    threads = [threading.Thread(target=caller) for _ in range(40)]
+    threads += [threading.Thread(target=prober, args=(port,)) for port in probes]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        running.stop(grace_s=1)
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in flood and grpc.StatusCode.OK in flood
+    assert len(probes[running.health_port]) >= 20
+    assert set(probes[running.health_port]) == {health_pb2.HealthCheckResponse.SERVING}, probes[running.health_port]

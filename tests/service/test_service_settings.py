@@ -109,7 +109,8 @@ def test_missing_required_values_name_their_variables(clean_env) -> None:
         ({"population_window_size": 1}, "population_window_size [ADVDETECT_POPULATION_WINDOW_SIZE]"),
         ({"grpc_port": "not-a-port"}, "grpc_port [ADVDETECT_GRPC_PORT]: Input should be a valid integer"),
         ({"log_level": "chatty"}, "log_level [ADVDETECT_LOG_LEVEL]"),
-        ({"grpc_port": 9100}, "metrics_port: 9100 is also grpc_port; the two need their own ports"),
+        ({"grpc_port": 9100}, "metrics_port: 9100 is also grpc_port; each needs its own port"),
+        ({"health_port": 50051}, "health_port: 50051 is also grpc_port; each needs its own port"),
         ({"model_name": "my model!"}, "model_name: 'my model!' is not a valid name"),
     ],
 )
