@@ -37,8 +37,8 @@ def test_default_capture_reads_block_outputs_and_averages_wide_ones_in_the_graph
     tensors = [mean_source(k) or k for k in clf.default_capture()]
     assert tensors == [stem, *blocks]
     sizes = {layer.name: layer.size for layer in clf.layers()}
-    for key in clf.default_capture():  # wide layers as channel means, the others whole
-        assert (mean_source(key) is not None) == (sizes[mean_source(key) or key] > WIDE_LAYER_UNITS)
+    assert all(mean_source(key) for key in clf.default_capture())  # block outputs as channel means, whatever their size
+    assert min(sizes[mean_source(key)] for key in clf.default_capture()) <= WIDE_LAYER_UNITS
     assert clf.default_capture()[0] == channel_means(stem) and clf.capture_shape(channel_means(stem)) == (8,)
 
     x = np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32)
@@ -102,8 +102,8 @@ def test_a_reduced_capture_scores_exactly_as_the_full_one(demo_models, cnn_basel
 
 
 def test_a_reduced_capture_of_a_wide_model_keeps_neither_pixels_nor_wide_maps(narrow_resnet):
-    """What calibration keeps of an input of the width-8 ResNet-18: logits, the default layers (channel means of the
-    8,192-unit maps, the smaller maps whole) and the topology and feature-squeezing features; the whole tensors of
+    """What calibration keeps of an input of the width-8 ResNet-18: logits, the default layers (channel means) and the
+    topology and feature-squeezing features; the whole tensors of
     the edge-budget window and the squeezed copies' logits are dropped once their features are computed."""
     from detector.calibration import build_scorers
 
@@ -116,7 +116,7 @@ def test_a_reduced_capture_of_a_wide_model_keeps_neither_pixels_nor_wide_maps(na
     reduced = reduced_capture(clf, x, scorers, keep=hidden, batch_size=4)
     assert len(reduced) == 6 and reduced.inputs is None and window
     assert set(reduced.activations) == set(hidden) and not set(window) & set(reduced.activations)
-    assert max(a[0].size for a in reduced.activations.values()) <= WIDE_LAYER_UNITS
+    assert all(a.ndim == 2 for a in reduced.activations.values())  # channel means only
     assert not reduced.squeezed_logits and reduced.features["feature_squeezing"].shape == (6,)
     assert reduced.features["induced_persistence"].shape[0] == 6
 
