@@ -6,25 +6,33 @@ statistics from a few random batches):
 - parameters and the model's own ONNX Runtime time (one thread, batch 1, median);
 - topology features time per input (median, p99) for each induced-graph edge budget (the last stages of
   the network that fit it, see :mod:`detector.topology.induced_graph`), and the edges and layers it covers;
-- for the 32x32 models, the p50 that detection adds in the served path (``Detector.detect`` of one input,
-  ONNX Runtime one thread, minus the model's own ORT time: capturing the hidden tensors counts as added),
-  the median of each stage, and calibration seconds and peak RSS of a calibration on ``--n-calib``
-  MNIST-32 inputs (each in its own process).
+- calibration seconds and peak RSS for each of ``--memory`` input counts (default 1,000 and 5,000), each in a
+  fresh process (``ru_maxrss`` of that process) with default settings. The inputs are MNIST digits (padded to
+  32x32, or scaled 8x to 224x224 for ResNet-50), repeated to 3 channels, stored as uint8 in an uncompressed
+  ``.npz`` that calibration reads batch by batch; their labels are the model's own predictions, so that every
+  input counts as correctly classified (as for a trained model: the tuning attacks run on all of them);
+- the p50 that detection adds in the served path: ``Detector.detect`` of one input (ONNX Runtime one thread)
+  minus the model's own ORT time, timed alternately on the same inputs, with the baseline of the first
+  ``--memory`` count; once with every score and once with only the scores the flags fuse
+  (``flagged_scores_only``), with the median of each stage.
 
 With ``--quality``, instead: detection quality by edge budget on a narrow ResNet-18 (width 8) trained for
 3 epochs on MNIST-32 ([0, 3000)), calibrated on [3000, 3600): AUROC of clean [8000, 8400) against its
 FGSM (eps 0.2) copies that fool the model, for the fused ``adversarial`` statistic, the two topology
 scores and the best other score (introspection or a peer); written to ``bench/results/scale-quality.md``.
 
-Timings are wall-clock on a shared 2-core machine: other jobs may inflate them.
+Timings are wall-clock on a shared 2-core machine: other jobs may inflate them (the load average is written
+beside them).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
-import multiprocessing as mp
+import json
+import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,12 +74,87 @@ def _export(name: str, size: int, path: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _inputs(size: int, n: int) -> np.ndarray:
-    if size == 32:
-        from detector.offline.zoo import mnist32
+def _mnist_images(size: int, n: int) -> np.ndarray:
+    """n MNIST digits as uint8 (n, 3, size, size): padded to 32x32, or scaled up 8x to 224x224."""
+    m = load_dataset("mnist")
+    x = np.rint(m.x[:n] * 255).astype(np.uint8)
+    x = np.pad(x, ((0, 0), (0, 0), (2, 2), (2, 2))) if size == 32 else np.repeat(np.repeat(x, 8, axis=2), 8, axis=3)
+    return np.repeat(x, 3, axis=1)
 
-        return mnist32(load_dataset("mnist")).x[8000:8000 + n]
-    return np.random.default_rng(0).random((n, 3, size, size), dtype=np.float32)
+
+def _write_data(path: Path, model: Path, size: int, n: int) -> Path:
+    """An uncompressed .npz of n inputs labelled with the model's own predictions (several ORT threads)."""
+    import onnxruntime as ort
+
+    from detector.model import session_options
+
+    x = _mnist_images(size, n)
+    session = ort.InferenceSession(str(model), session_options(0), providers=["CPUExecutionProvider"])
+    y = np.concatenate([session.run(None, {"input": x[i:i + 16].astype(np.float32) / 255})[0].argmax(axis=1)
+                        for i in range(0, n, 16)])
+    np.savez(path, x=x, y=y.astype(np.int64))
+    return path
+
+
+def _lazy(data_path: Path, n: int | None = None) -> Dataset:
+    """The .npz read batch by batch (never loaded), its first ``n`` inputs."""
+    import detector.data
+
+    detector.data.LAZY_BYTES = 0
+    data = load_dataset(str(data_path))
+    n = len(data) if n is None else n
+    return Dataset(data.x.head(n), data.y[:n], f"{data_path.name}[:{n}]")
+
+
+def _calibrate_child(model: str, data_path: str, n: int, out: str) -> dict[str, float]:
+    """In a fresh process: calibrate with default settings on the first n inputs; seconds and peak RSS."""
+    from detector.calibration import CalibrationConfig, calibrate
+
+    data = _lazy(Path(data_path), n)
+    t0 = time.perf_counter()
+    calibrate(model, data, out, CalibrationConfig(progress=False))
+    return {"calib_s": time.perf_counter() - t0, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def _serve_child(model: str, baseline: str, data_path: str, repeats: int) -> dict[str, object]:
+    """In a fresh process: the model's ORT time and detect() with every score and with the flagged ones only,
+    alternately on the last ``repeats`` inputs of the data (not calibrated on)."""
+    import onnxruntime as ort
+
+    from detector.model import session_options
+    from detector.pipeline import Detector
+
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")  # as the server does (service/server.py)
+    data = _lazy(Path(data_path))
+    x = np.asarray(data.x[len(data) - repeats - 3:])
+    session = ort.InferenceSession(model, session_options(1), providers=["CPUExecutionProvider"])
+    modes = {"all": Detector.load(model, baseline, intra_op_threads=1),
+             "flagged": Detector.load(model, baseline, intra_op_threads=1, flagged_scores_only=True)}
+    times: dict[str, list[float]] = {"ort": [], **{m: [] for m in modes}}
+    stages: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    for i in range(len(x)):
+        t0 = time.perf_counter()
+        session.run(None, {"input": x[i:i + 1]})
+        times["ort"].append(time.perf_counter() - t0)
+        for mode, detector in modes.items():
+            t0 = time.perf_counter()
+            batch = detector.detect(x[i:i + 1])
+            times[mode].append(time.perf_counter() - t0)
+            stages[mode].append(batch.stage_seconds)
+    med = {k: float(np.median(v[3:]) * 1e3) for k, v in times.items()}
+    return {**med, "stages": {m: {k: float(np.median([s[k] for s in v[3:]]) * 1e3) for k in v[0]} for m, v in stages.items()},
+            "scores": {m: len(d.score_names) for m, d in modes.items()},
+            "flags": {r.name: r.scores for r in modes["all"].manifest.flags}}
+
+
+def _child(*args: str) -> dict:
+    """Run ``bench/scale.py --child ...`` in a fresh interpreter and return its JSON answer."""
+    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args[0]} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _ort_ms(path: Path, x: np.ndarray, repeats: int) -> float:
@@ -105,31 +188,6 @@ def _topology_ms(path: Path, x: np.ndarray, budget: int) -> tuple[float, float, 
         features.one(capture, i)
         times.append(time.perf_counter() - t0)
     return float(np.median(times) * 1e3), float(np.percentile(times, 99) * 1e3), graph.n_static_edges, len(graph.pairs)
-
-
-def _served(path: str, n_calib: int, repeats: int, queue: "mp.Queue[dict[str, object]]") -> None:
-    """In a child process: calibrate on MNIST-32, then time Detector.detect of single inputs."""
-    from detector.calibration import CalibrationConfig, calibrate
-    from detector.offline.zoo import mnist32
-    from detector.pipeline import Detector
-
-    data = mnist32(load_dataset("mnist"))
-    calib = Dataset(data.x[:n_calib], data.y[:n_calib], f"mnist-32[:{n_calib}]")
-    out = Path(tempfile.mkdtemp())
-    t0 = time.perf_counter()
-    calibrate(path, calib, out, CalibrationConfig(fprs=(0.05,), window_size=32, progress=False))
-    seconds = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    detector = Detector.load(path, out, intra_op_threads=1)
-    x = data.x[8000:8000 + repeats + 3]
-    total, stages = [], []
-    for i in range(len(x)):
-        t0 = time.perf_counter()
-        batch = detector.detect(x[i:i + 1])
-        total.append(time.perf_counter() - t0)
-        stages.append(batch.stage_seconds)
-    per_stage = {k: float(np.median([s[k] for s in stages[3:]]) * 1e3) for k in stages[0]}
-    queue.put({"calib_s": seconds, "rss_gb": rss, "total_ms": float(np.median(total[3:]) * 1e3), "stages": per_stage})
 
 
 def _quality(budgets: tuple[int, ...]) -> None:
@@ -182,47 +240,66 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", default=",".join(ARCHS), help="comma-separated subset of " + ",".join(ARCHS))
     parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--n-calib", type=int, default=1000)
+    parser.add_argument("--memory", default="1000,5000",
+                        help="calibration input counts (the first one's baseline is served); default 1000,5000")
     parser.add_argument("--quality", action="store_true", help="detection quality by edge budget instead of cost")
+    parser.add_argument("--out", default="scale.md", help="file name under bench/results (default scale.md)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        answer = _calibrate_child(rest[0], rest[1], int(rest[2]), rest[3]) if kind == "calibrate" else \
+            _serve_child(rest[0], rest[1], rest[2], int(rest[3]))
+        print(json.dumps(answer))
+        return
     if args.quality:
         _quality((30_000, 300_000, DEFAULT_MAX_EDGES, 3_000_000))
         return
+    counts = [int(n) for n in args.memory.split(",")]
     work = Path(tempfile.mkdtemp())
+    load = [f"{os.getloadavg()[0]:.1f}"]
     cost = ["| model | input | parameters | ORT ms | budget (edges) | graph edges | pairs | topology ms median | p99 "
             "| topology / ORT |", "|---|---|---|---|---|---|---|---|---|---|"]
-    served = [f"| model | ORT ms | detect p50 ms (budget {DEFAULT_MAX_EDGES:,}) | added p50 ms | added / ORT "
-              "| stage medians ms | calibration s " f"({args.n_calib} inputs) | peak RSS GB |",
+    served = ["| model | ORT ms | scores | detect p50 ms | added p50 ms | added / ORT | stage medians ms | flags fuse |",
               "|---|---|---|---|---|---|---|---|"]
+    memory = ["| model | inputs | calibration s | peak RSS GB |", "|---|---|---|---|"]
     for name in args.archs.split(","):
         size = ARCHS[name]
         path = work / f"{name}.onnx"
         params = _export(name, size, path)
-        x = _inputs(size, args.repeats if size == 32 else min(args.repeats, 10))
+        x = _mnist_images(size, args.repeats).astype(np.float32) / 255
         ort_ms = _ort_ms(path, x, args.repeats)
         for budget in BUDGETS:
             med, p99, edges, pairs = _topology_ms(path, x, budget)
             cost.append(f"| {name} | {size}x{size} | {params / 1e6:.1f}M | {ort_ms:.1f} | {budget:,} | {edges:,} | {pairs} "
                         f"| {med:.2f} | {p99:.2f} | {med / ort_ms:.2f}x |")
             print(cost[-1], flush=True)
-        if size == 32:
-            queue: mp.Queue[dict[str, object]] = mp.get_context("fork").Queue()
-            child = mp.get_context("fork").Process(target=_served, args=(str(path), args.n_calib, args.repeats, queue))
-            child.start()
-            r = queue.get()
-            child.join()
-            added = r["total_ms"] - ort_ms
-            stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"].items())
-            served.append(f"| {name} | {ort_ms:.1f} | {r['total_ms']:.1f} | {added:.1f} | {added / ort_ms:.2f}x "
-                          f"| {stages} | {r['calib_s']:.0f} | {r['rss_gb']:.2f} |")
+        data = _write_data(work / f"{name}-data.npz", path, size, max(counts) + args.repeats + 3)
+        for n in counts:
+            r = _child("calibrate", str(path), str(data), str(n), str(work / f"{name}-baseline-{n}"))
+            memory.append(f"| {name} {size}x{size} | {n:,} | {r['calib_s']:.0f} | {r['rss_gb']:.2f} |")
+            print(memory[-1], flush=True)
+        r = _child("serve", str(path), str(work / f"{name}-baseline-{counts[0]}"), str(data), str(args.repeats))
+        for mode in ("all", "flagged"):
+            added = r[mode] - r["ort"]
+            stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"][mode].items() if v >= 0.05)
+            fused = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["flags"].items()) if mode == "all" else ""
+            served.append(f"| {name} {size}x{size} | {r['ort']:.1f} | {mode} ({r['scores'][mode]}) | {r[mode]:.1f} "
+                          f"| {added:.1f} | {added / r['ort']:.2f}x | {stages} | {fused} |")
             print(served[-1], flush=True)
-    write_result("scale.md", [
+        load.append(f"{os.getloadavg()[0]:.1f}")
+    write_result(args.out, [
         "# Detection cost on real architectures (`python bench/scale.py`)", "",
         "Random weights (BatchNorm statistics from random batches), full width; ONNX Runtime one thread, batch 1. "
-        "Wall-clock on a shared 2-core machine with other jobs running: figures are noisy.", "",
+        "Wall-clock on a shared 2-core machine: the 1-minute load average was " + ", ".join(load) +
+        " at the start and after each model, so other jobs shared the cores and the figures are noisy.", "",
         "## Topology features per input, by edge budget (the last stages that fit it)", "", *cost, "",
-        "## Served path (32x32 models; calibrated on MNIST-32, default settings but one FPR and window 32)", "",
-        *served, "",
+        "## Served path (`Detector.detect` of one input, the baseline of the first calibration below)", "",
+        "`all`: every score; `flagged`: only the scores the flags fuse (`flagged_scores_only`). Added = detect minus "
+        "the model's own ORT time, timed alternately on the same inputs; feature squeezing runs two squeezed copies "
+        "of the input in the same ORT run, so it alone adds about 2x.", "", *served, "",
+        "## Calibration (default settings, data read batch by batch from an uncompressed uint8 .npz)", "",
+        "Each row is its own process; peak RSS is its `ru_maxrss`.", "", *memory, "",
     ])
 
 

@@ -52,7 +52,7 @@ from detector.activation_map import plot_activation_map
 from detector.baseline import write_baseline
 from detector.capture import Capture
 from detector.conformal import ConformalCalibrator, Fusion, split_held_out
-from detector.data import Dataset
+from detector.data import Dataset, Rows
 from detector.errors import DataError
 from detector.fusion_choice import FusionChoice, choose_fusion
 from detector.topology.graph_features import InducedGraphFeatures
@@ -68,9 +68,10 @@ from detector.scorers.output import EnergyScorer, FeatureSqueezingScorer
 from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScorer, NonzeroPixelsScorer
 from detector.scorers.topology import BettiDensityScorer, InducedPersistenceScorer
 from detector.scorers.trust import TrustScoreScorer
-from detector.squeeze import default_squeezers, run_batches_with_squeezers
+from detector.squeeze import default_squeezers
+from detector.stream import reduced_capture
 
-__all__ = ["ADVERSARIAL_CANDIDATES", "ADVERSARIAL_SCORES", "CalibrationConfig", "calibrate",
+__all__ = ["ADVERSARIAL_CANDIDATES", "ADVERSARIAL_SCORES", "CalibrationConfig", "calibrate", "layer_readers",
            "MISCLASSIFICATION_CANDIDATES", "MISCLASSIFICATION_SCORES", "MIN_ERRORS", "TUNING_CRITERION"]
 
 #: The ``adversarial`` flag's members without tuning attacks (``tuning_attacks=()``).
@@ -101,7 +102,9 @@ class CalibrationConfig(BaseModel):
     Attributes
     ----------
     layers : list of str or None
-        Captured layers (default: every post-activation hidden layer).
+        Capture keys the peers, the introspection VAE and the population monitor read (tensor names, or
+        ``mean(<tensor>)`` for channel means computed in the graph); default:
+        :meth:`OnnxClassifier.default_capture <detector.model.OnnxClassifier.default_capture>`.
     fprs : tuple of float in (0, 1)
         Target false-positive rates; the first is each flag's default.
     seed : int
@@ -146,9 +149,11 @@ class CalibrationConfig(BaseModel):
     progress: bool = True
 
 
-def _data_hash(data: Dataset) -> str:
+def _data_hash(data: Dataset, batch_size: int = 256) -> str:
+    """SHA-256 of the images' float32 bytes then the labels' (read batch by batch)."""
     digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(data.x).tobytes())
+    for start in range(0, len(data), batch_size):
+        digest.update(np.ascontiguousarray(data.x[start:start + batch_size], dtype=np.float32).tobytes())
     digest.update(np.ascontiguousarray(data.y).tobytes())
     return digest.hexdigest()
 
@@ -184,6 +189,20 @@ def build_scorers(model: OnnxClassifier, config: CalibrationConfig, squeezers: l
     ]
 
 
+def layer_readers(scorers: list[Scorer], population_layers: list[str]) -> dict[str, list[str]]:
+    """Who reads each capture key: the scorer kinds (the two topology scorers as ``topology``), and
+    ``population`` for the population monitor's layers. Keys in capture order of first reader."""
+    readers: dict[str, list[str]] = {}
+    for scorer in scorers:
+        name = "topology" if isinstance(scorer, (InducedPersistenceScorer, BettiDensityScorer)) else scorer.kind
+        for key in scorer.required_tensors():
+            if name not in readers.setdefault(key, []):
+                readers[key].append(name)
+    for key in population_layers:
+        readers.setdefault(key, []).append("population")
+    return readers
+
+
 def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.PathLike[str],
               config: CalibrationConfig = CalibrationConfig()) -> Manifest:
     """Calibrate a baseline for the classifier at ``model_path`` on clean ``data`` and write it to ``out``.
@@ -204,15 +223,22 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
             f"{len(data)} clean inputs are too few: thresholds at FPR {min(config.fprs)} need >= {needed} held-out "
             f"threshold inputs, i.e. about {int(np.ceil(needed * 2 / (1 - config.fit_fraction)))} inputs in all"
         )
-    scorers = build_scorers(model, config, default_squeezers(model, data.x[fit_idx], data.y[fit_idx]))
+    scorers = build_scorers(model, config, default_squeezers(model, Rows(data.x, fit_idx), data.y[fit_idx]))
     extra = [t for s in scorers for t in s.required_tensors()]
     model.set_capture(list(dict.fromkeys(hidden + extra)))
     steps = tqdm(total=6 + len(scorers), desc="calibrate", disable=not config.progress, unit="step")
 
     steps.set_postfix_str("capturing activations")
-    capture = run_batches_with_squeezers(model, data.x, [n for s in scorers for n in s.squeezer_names()])
+    # batch by batch, keeping per input only what the scorers and the population monitor read
+    capture = reduced_capture(model, data.x, scorers, keep=hidden)
     steps.update()
+    steps.set_postfix_str("population Betti curves of clean windows")
+    population = PopulationMonitor(window_size=config.window_size, seed=config.seed).fit(
+        {k: v for k, v in capture.activations.items() if k in hidden})
+    accuracy = float(np.mean(capture.predicted == data.y))  # on the whole clean calibration data
     fit, held = capture.subset(fit_idx), capture.subset(held_idx)
+    del capture  # the two splits hold every input
+    steps.update()
     for scorer in scorers:
         steps.set_postfix_str(f"fitting {scorer.kind}")
         scorer.fit(fit, data.y[fit_idx])
@@ -234,7 +260,7 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     p_thr = {name: calibrators[name].p_values(s[thr_rows], classes[thr_rows]) for name, s in held_scores.items()}
     rules = []
     ref_scores = {name: s[ref_rows] for name, s in held_scores.items()}
-    for name, choice in _choose_rules(model_path, model, scorers, ref_scores, data.x[held_idx][ref_rows],
+    for name, choice in _choose_rules(model_path, model, scorers, ref_scores, Rows(data.x, held_idx[ref_rows]),
                                       data.y[held_idx][ref_rows], classes[ref_rows], config).items():
         fusion = Fusion(choice["fusion"], choice["weights"])
         fused = fusion.combine(np.stack([p_thr[n] for n in choice["scores"]], axis=1))
@@ -243,11 +269,6 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
             value = Fusion.fit_threshold(fused, fpr)
             thresholds.append(Threshold(target_fpr=fpr, value=value, heldout_fpr=float(np.mean(fused > value))))
         rules.append(FlagRule(name=name, thresholds=thresholds, default_fpr=config.fprs[0], **choice))
-    steps.update()
-
-    steps.set_postfix_str("population Betti curves of clean windows")
-    population = PopulationMonitor(window_size=config.window_size, seed=config.seed).fit(
-        {k: v for k, v in capture.activations.items() if k in hidden})
     steps.update()
 
     steps.set_postfix_str("writing the baseline")
@@ -263,7 +284,6 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
         arrays.update(cal.get_state(f"conformal/{name}/"))
     pop_params, pop_arrays = population.get_state()
     arrays.update({f"population/{k}": v for k, v in pop_arrays.items()})
-    accuracy = float(np.mean(capture.predicted == data.y))  # on the whole clean calibration data
     manifest = Manifest(
         tool_version=_versions().get("advdetect", "0"),
         created_at=_dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ"),
@@ -288,19 +308,20 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     thr_stats = {r.name: Fusion(r.fusion, r.weights).combine(np.stack([p_thr[n] for n in r.scores], axis=1)) for r in rules}
     write_report(Path(out), manifest, fit_scores, {k: v[thr_rows] for k, v in held_scores.items()}, thr_stats,
                  population.reference_mean_, _map_writer(scorers, config, hidden, fit, data.y[fit_idx], held,
-                                                         data.y[held_idx]))
+                                                         data.y[held_idx]),
+                 [(key, model.capture_shape(key), who) for key, who in layer_readers(scorers, hidden).items()])
     steps.update()
     steps.close()
     return manifest
 
 
 def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, scorers: list[Scorer],
-                  ref_scores: dict[str, np.ndarray], x_ref: np.ndarray, y_ref: np.ndarray, predicted: np.ndarray,
+                  ref_scores: dict[str, np.ndarray], x_ref: Rows, y_ref: np.ndarray, predicted: np.ndarray,
                   config: CalibrationConfig) -> dict[str, dict]:
     """Each flag's members, fusion, weights and the reason, chosen on the reference split (module docstring).
 
-    ``ref_scores`` are the reference inputs' scores, ``x_ref``/``y_ref`` their pixels and labels and
-    ``predicted`` the model's classes for them.
+    ``ref_scores`` are the reference inputs' scores, ``x_ref``/``y_ref`` their pixels (read only when
+    attacked) and labels and ``predicted`` the model's classes for them.
     """
     fit_half, tune_half = split_held_out(predicted, fraction=0.5, seed=config.seed)
 
@@ -311,7 +332,7 @@ def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, sco
         return cals, {name: cals[name].p_values(s[test], predicted[test]) for name, s in ref_scores.items()}
 
     calibrators, p_tune = cross(fit_half, tune_half)
-    x, y = x_ref[tune_half], y_ref[tune_half]
+    x, y = x_ref.select(tune_half), y_ref[tune_half]
     right = predicted[tune_half] == y
     clean = {n: p[right] for n, p in p_tune.items()}
     rules = {"adversarial": {"scores": list(ADVERSARIAL_SCORES), "fusion": "fisher", "weights": None,
@@ -320,7 +341,7 @@ def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, sco
     if config.tuning_attacks:
         from detector.offline.tuning import tuning_p_values
 
-        tuned = tuning_p_values(model_path, model, scorers, calibrators, x[right], y[right], config.tuning_attacks)
+        tuned = tuning_p_values(model_path, model, scorers, calibrators, x.select(right), y[right], config.tuning_attacks)
     if tuned:
         rules["adversarial"] = _rule(choose_fusion(clean, tuned, ADVERSARIAL_CANDIDATES, ADVERSARIAL_SCORES,
                                                    seed=config.seed, criterion=TUNING_CRITERION),

@@ -39,18 +39,25 @@ def _preprocessing(model: str, manifest_spec: "Preprocessing | None" = None, res
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
-    from detector.topology.induced_graph import InducedGraph
+    from detector.calibration import CalibrationConfig, build_scorers, layer_readers
+    from detector.capture import channel_means
     from detector.model import OnnxClassifier
+    from detector.scorers.topology import InducedPersistenceScorer
 
     model = OnnxClassifier(args.model)
-    default = set(model.default_capture())
-    coverage = InducedGraph.from_classifier(model, max_edges=args.max_edges).coverage
-    rows = [("name", "op", "shape", "units", "default", "topology")]
-    rows += [
-        (layer.name, layer.op_type, "x".join(map(str, layer.shape)), str(layer.size), "yes" if layer.name in default else "",
-         coverage.get(layer.name, ""))
-        for layer in model.layers()
-    ]
+    scorers = build_scorers(model, CalibrationConfig(max_edges=args.max_edges), squeezers=[])
+    readers = layer_readers(scorers, list(model.capture))
+    coverage = next(s for s in scorers if isinstance(s, InducedPersistenceScorer)).features.graph.coverage
+
+    def read_as(name: str) -> tuple[str, str]:
+        forms = [(form, readers[key]) for form, key in (("whole", name), ("channel means", channel_means(name)))
+                 if key in readers]
+        return " + ".join(f for f, _ in forms), "; ".join(f"{f}: {', '.join(r)}" if len(forms) > 1 else ", ".join(r)
+                                                          for f, r in forms)
+
+    rows = [("name", "op", "shape", "units", "captured as", "topology", "read by")]
+    rows += [(layer.name, layer.op_type, "x".join(map(str, layer.shape)), str(layer.size), *read_as(layer.name)[:1],
+              coverage.get(layer.name, ""), read_as(layer.name)[1]) for layer in model.layers()]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -58,6 +65,8 @@ def _cmd_layers(args: argparse.Namespace) -> int:
             print("  ".join("-" * w for w in widths))
     print(f"\n{model.path}: input {model.input_name!r} {('batch',) + model.input_shape}, "
           f"{model.n_classes} classes, sha256 {model.sha256[:12]}")
+    print("captured as: what one ONNX Runtime run hands out for the default scorers (channel means are computed "
+          "in the graph); read by: the scorers that read it (topology: induced persistence and Betti density)")
     return 0
 
 
@@ -133,10 +142,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     data = load_dataset(args.inputs, require_labels=False,
                         preprocessing=_preprocessing(args.model, detector.manifest.data.preprocessing))
     flag_names = [rule.name for rule in detector.manifest.flags]
+    size = args.batch_size or detector.batch_size
     with open(args.out, "w", newline="") as fh:
         writer = None
-        for start in range(0, len(data), args.batch_size):
-            batch = detector.detect(data.x[start : start + args.batch_size], fpr=args.fpr)
+        for start in range(0, len(data), size):
+            batch = detector.detect(data.x[start : start + size], fpr=args.fpr)
             for i, d in enumerate(batch.detections):
                 row = {"index": start + i, "label": int(data.y[start + i]), "predicted_class": d.predicted_class,
                        "confidence": float(d.probabilities.max())}
@@ -264,7 +274,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="folders of images: resize the shorter side to this many pixels (stored in the baseline)")
     p.add_argument("--crop", type=int, default=None,
                    help="folders of images: cut a centre square of this many pixels after the resize (stored too)")
-    p.add_argument("--layers", type=_names, default=None, help="comma-separated layers to capture (default: post-activation)")
+    p.add_argument("--layers", type=_names, default=None,
+                   help="comma-separated layers the peers and the introspection VAE read, mean(NAME) for channel "
+                        "means (default: block outputs, wide ones as channel means; see `advdetect layers`)")
     p.add_argument("--fpr", type=_floats, default=(0.01, 0.05), help="target false-positive rates (default 0.01,0.05)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--top-q", type=float, default=1.0, help="induced-graph edges kept per layer pair (default 1 = exact)")
@@ -284,7 +296,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", required=True, help="FILE.npz with x (y optional), or any data spec")
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--fpr", type=float, default=None, help="target FPR (one of the calibrated ones)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="inputs per run (default: as many as keep one run within 256 MiB; 256 for small models)")
     p.set_defaults(func=_cmd_score)
 
     p = sub.add_parser("evaluate", help="attack suite and side-by-side detector comparison")

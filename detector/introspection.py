@@ -427,6 +427,10 @@ class IntrospectionScorer(Scorer):
 
     # ------------------------------------------------------------------ fit and score
 
+    def required_tensors(self) -> list[str]:
+        """The capture keys read: ``layers`` (once fitted, the fitted ones; none named: every captured one)."""
+        return list(getattr(self, "layers_", None) or self.layers or [])
+
     def _features(self, capture: Capture, layers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """The activation vectors of ``layers`` side by side (one :func:`activation_vectors` call), and each one's width."""
         raw = activation_vectors(capture.activations, layers, self.reduction)

@@ -107,8 +107,12 @@ class Detector:
 
     @classmethod
     def load(cls, model_path: str | os.PathLike[str], baseline_dir: str | os.PathLike[str],
-             intra_op_threads: int = 0) -> "Detector":
+             intra_op_threads: int = 0, flagged_scores_only: bool = False) -> "Detector":
         """Load the ONNX classifier and its baseline; refuse a baseline made for another model.
+
+        With ``flagged_scores_only``, only the scorers giving a score that some flag fuses are loaded and
+        run: the flags and their p-values are the same, :attr:`Detection.scores` holds fewer scores, and a
+        request costs less (no squeezed copies of the input unless a flag fuses feature squeezing).
 
         Raises
         ------
@@ -120,7 +124,10 @@ class Detector:
         check_model_matches(manifest, model.sha256, model_path)
         context = ScorerContext(model)
         scorers: list[Scorer] = []
+        flagged = {n for rule in manifest.flags for n in rule.scores}
         for entry in manifest.scorers:
+            if flagged_scores_only and not flagged & set(entry.score_names):
+                continue
             if entry.kind not in SCORER_KINDS:
                 raise BaselineError(f"{baseline_dir}: unknown scorer kind {entry.kind!r} (made by a newer advdetect?)")
             prefix = f"scorer/{entry.kind}/"
@@ -132,7 +139,7 @@ class Detector:
             except (KeyError, ValueError) as exc:
                 raise BaselineError(f"{baseline_dir}: the state of scorer {entry.kind!r} is corrupt: {exc}") from None
         calibrators = {}
-        for name in (n for e in manifest.scorers for n in e.score_names):
+        for name in (n for s in scorers for n in s.score_names):
             try:
                 calibrators[name] = ConformalCalibrator.from_state(arrays, f"conformal/{name}/")
             except (KeyError, ValueError) as exc:
@@ -148,6 +155,12 @@ class Detector:
         extra = [t for s in scorers for t in s.required_tensors()]
         model.set_capture(list(dict.fromkeys(manifest.model.captured_layers + extra)), intra_op_threads=intra_op_threads)
         return cls(model, manifest, scorers, calibrators, population)
+
+    @property
+    def batch_size(self) -> int:
+        """Inputs per :meth:`detect` call that keep one ONNX Runtime run (with the squeezed copies) within
+        :data:`detector.model.BATCH_BYTES` of working memory (256 for the digits models, 1 for ResNet-50 at 224)."""
+        return self.model.batch_size(copies=1 + len(self._squeezers))
 
     @property
     def version(self) -> str:

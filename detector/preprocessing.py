@@ -31,8 +31,8 @@ from detector.errors import DataError, ModelError
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["IMAGE_SUFFIXES", "Preprocessing", "add_normalization", "input_channels", "is_image_folder",
-           "read_image_folder"]
+__all__ = ["IMAGE_SUFFIXES", "Preprocessing", "add_normalization", "image_files", "input_channels", "is_image_folder",
+           "read_image_folder", "read_images"]
 
 #: File suffixes read as images (case-insensitive).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -89,12 +89,11 @@ def is_image_folder(folder: Path) -> bool:
     return bool(_images(folder)) or any(p.is_dir() and _images(p) for p in folder.iterdir())
 
 
-def read_image_folder(folder: str | os.PathLike[str], preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Read a folder of images: (x of shape (n, C, H, W) float32 in [0, 1], labels int64, class names).
+def image_files(folder: str | os.PathLike[str]) -> tuple[list[Path], np.ndarray, list[str]]:
+    """The images of a folder in reading order, their labels (int64) and the class names.
 
     Class subfolders give labels 0, 1, ... in sorted order of their names; images directly in ``folder``
-    (and no subfolders with images) are unlabelled (-1). Every image must have the same size after
-    ``preprocessing``; otherwise set its ``resize`` and ``crop``.
+    (and no subfolders with images) are unlabelled (-1).
     """
     folder = Path(folder)
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and _images(p))
@@ -103,12 +102,28 @@ def read_image_folder(folder: str | os.PathLike[str], preprocessing: Preprocessi
         files = [(path, -1) for path in _images(folder)]
     if not files:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder or its class subfolders")
-    x = [preprocessing.pixels(path) for path, _ in files]
+    return [path for path, _ in files], np.asarray([label for _, label in files], dtype=np.int64), classes
+
+
+def read_images(files: list[Path], preprocessing: Preprocessing, source: str | os.PathLike[str]) -> np.ndarray:
+    """The images ``files`` after ``preprocessing``, stacked: (n, C, H, W) float32 in [0, 1] (all one size)."""
+    x = [preprocessing.pixels(path) for path in files]
     shapes = {a.shape for a in x}
     if len(shapes) > 1:
-        raise DataError(f"{folder}: the images have {len(shapes)} different sizes after preprocessing "
+        raise DataError(f"{source}: the images have {len(shapes)} different sizes after preprocessing "
                         f"({', '.join(str(s[1:]) for s in sorted(shapes)[:3])}, ...): give a resize and a centre crop")
-    return np.stack(x), np.asarray([label for _, label in files], dtype=np.int64), classes
+    return np.stack(x)
+
+
+def read_image_folder(folder: str | os.PathLike[str], preprocessing: Preprocessing) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Read a folder of images: (x of shape (n, C, H, W) float32 in [0, 1], labels int64, class names).
+
+    Class subfolders give labels 0, 1, ... in sorted order of their names; images directly in ``folder``
+    (and no subfolders with images) are unlabelled (-1). Every image must have the same size after
+    ``preprocessing``; otherwise set its ``resize`` and ``crop``.
+    """
+    files, labels, classes = image_files(folder)
+    return read_images(files, preprocessing, folder), labels, classes
 
 
 def _image_input(model: "onnx.ModelProto", path: str | os.PathLike[str]) -> tuple[str, int]:

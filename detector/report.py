@@ -3,7 +3,9 @@
 Figures: for every score, the histogram of the fit split against the held-out split (a scorer whose held-out
 scores run far above its fit scores is overfitting the fit data); the fused statistic of each flag on
 held-out clean inputs with its thresholds; the clean population Betti curves; the activation-space map of
-the introspection model (Pardo et al., Fig. 2). Not read back when loading: it is for people.
+the introspection model (Pardo et al., Fig. 2). A table says which scorer reads which captured layer, and
+in which form (the whole tensor, or its channel means computed in the graph). Not read back when loading:
+it is for people.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Callable
 import numpy as np
 from matplotlib.figure import Figure
 
+from detector.capture import mean_source
 from detector.manifest import Manifest
 
 __all__ = ["write_report"]
@@ -68,8 +71,13 @@ def _betti(reference_mean: np.ndarray, densities: list[float], out: Path) -> str
 
 def write_report(out: Path, manifest: Manifest, fit_scores: dict[str, np.ndarray], held_scores: dict[str, np.ndarray],
                  statistics: dict[str, np.ndarray], reference_curves: np.ndarray,
-                 activation_map: Callable[[Path], None] | None = None) -> Path:
-    """Write the figures and ``report.html`` into ``out``; returns the HTML path."""
+                 activation_map: Callable[[Path], None] | None = None,
+                 layers: list[tuple[str, tuple[int, ...], list[str]]] = ()) -> Path:
+    """Write the figures and ``report.html`` into ``out``; returns the HTML path.
+
+    ``layers``: (capture key, per-sample shape, readers) of every captured layer
+    (:func:`detector.calibration.layer_readers`).
+    """
     figures = [("Scores: fit vs held-out clean inputs", _histograms(fit_scores, held_scores, out)),
                ("Fused statistics and thresholds", _fused(statistics, manifest, out)),
                ("Population Betti curves", _betti(reference_curves, manifest.population.get("densities", []), out))]
@@ -82,6 +90,12 @@ def write_report(out: Path, manifest: Manifest, fit_scores: dict[str, np.ndarray
         for r in manifest.flags for t in r.thresholds
     )
     body = "".join(f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>" for title, name in figures)
+    layer_rows = "".join(
+        f"<tr><td><code>{html.escape(mean_source(key) or key)}</code></td>"
+        f"<td>{'channel means' if mean_source(key) else 'whole'}</td><td>{'x'.join(map(str, shape))}</td>"
+        f"<td>{html.escape(', '.join(readers))}</td></tr>"
+        for key, shape, readers in layers
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>advdetect baseline {html.escape(manifest.version)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:2px 10px;text-align:left}}img{{max-width:100%}}</style>
 </head><body><h1>advdetect baseline {html.escape(manifest.version)}</h1>
@@ -89,6 +103,9 @@ def write_report(out: Path, manifest: Manifest, fit_scores: dict[str, np.ndarray
 <code>{html.escape(manifest.data.spec)}</code>: {manifest.data.n_samples} clean inputs, fit {manifest.data.n_fit},
 references {manifest.data.n_reference}, thresholds {manifest.data.n_threshold}, seed {manifest.data.seed}.</p>
 <h2>Thresholds</h2><table><tr><th>flag</th><th>target FPR</th><th>threshold</th><th>held-out FPR</th><th>fused scores</th></tr>{rows}</table>
+<h2>Captured layers and their readers</h2><p>Channel means are computed inside the ONNX Runtime run (a ReduceMean over
+the axes after the channel axis); topology: induced persistence and Betti density.</p>
+<table><tr><th>layer</th><th>read as</th><th>shape per input</th><th>read by</th></tr>{layer_rows}</table>
 {body}</body></html>
 """
     path = out / "report.html"

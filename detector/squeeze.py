@@ -77,21 +77,42 @@ def run_with_squeezers(model: OnnxClassifier, x: np.ndarray, names: Sequence[str
 
 
 def run_batches_with_squeezers(model: OnnxClassifier, x: np.ndarray, names: Sequence[str],
-                               batch_size: int = 256) -> Capture:
-    """:func:`run_with_squeezers` over ``x`` in batches of ``batch_size`` (bounded memory), concatenated."""
+                               batch_size: int | None = None) -> Capture:
+    """:func:`run_with_squeezers` over ``x`` in batches of ``batch_size`` (bounded memory), concatenated.
+
+    The default batch is :meth:`OnnxClassifier.batch_size` for the input and its squeezed copies. The
+    result holds every captured tensor of every input: for many inputs of a large model, stream instead
+    (:func:`detector.stream.reduced_capture`).
+    """
+    batch_size = batch_size or model.batch_size(copies=1 + len(names))
     return Capture.concatenate([run_with_squeezers(model, x[i:i + batch_size], names)
                                 for i in range(0, len(x), batch_size)])
 
 
-def default_squeezers(model: OnnxClassifier, x: np.ndarray, y: np.ndarray, max_drop: float = 0.01) -> list[str]:
+#: Inputs :func:`default_squeezers` reads at most.
+SQUEEZER_CHOICE_INPUTS = 1000
+
+
+def default_squeezers(model: OnnxClassifier, x: np.ndarray, y: np.ndarray, max_drop: float = 0.01,
+                      max_inputs: int = SQUEEZER_CHOICE_INPUTS) -> list[str]:
     """Xu et al.'s squeezers for this model, chosen on clean data: the fewest bits that cost little accuracy.
 
     Returns ``["bit_depth_<b>", "median_2x2"]`` (the median filter only for image inputs) with b the smallest
     bit depth in 1..7 whose accuracy on clean ``x`` (n_samples, ...) with labels ``y`` stays within
     ``max_drop`` of the unsqueezed accuracy (Xu et al. pick squeezers that keep accuracy: 1 bit on MNIST).
+    Only the first ``max_inputs`` inputs are read, batch by batch (``x`` may be any array or
+    :class:`~detector.data.Rows` sliced by ``x[a:b]``): each bit depth tried is a pass over them.
     """
-    x = model.validate(x)
-    accuracy = np.mean(model.run_batches(x).predicted == y)
-    bits = next((b for b in range(1, 8)
-                 if np.mean(model.run_batches(bit_depth(x, b)).predicted == y) >= accuracy - max_drop), 7)
-    return [f"bit_depth_{bits}"] + (["median_2x2"] if x.ndim >= 4 else [])
+    n = min(len(x), int(max_inputs))
+    size = model.batch_size()
+
+    def accuracy(squeezer: Callable[[np.ndarray], np.ndarray] = lambda batch: batch) -> float:
+        correct = 0
+        for start in range(0, n, size):
+            batch = model.validate(x[start:min(start + size, n)])
+            correct += int(np.sum(model.run(squeezer(batch)).predicted == y[start:start + len(batch)]))
+        return correct / n
+
+    clean = accuracy()
+    bits = next((b for b in range(1, 8) if accuracy(lambda batch, b=b: bit_depth(batch, b)) >= clean - max_drop), 7)
+    return [f"bit_depth_{bits}"] + (["median_2x2"] if len(x.shape) >= 4 else [])

@@ -119,6 +119,10 @@ class ServiceSettings(BaseSettings):
         queued at once instead of waiting ``audit_flush_interval_s`` for a batch to fill.
     population_window_size : int, default 256
         Inputs in the rolling window behind the population metrics.
+    flagged_scores_only : bool, default False
+        Compute only the scores some flag fuses (:meth:`detector.pipeline.Detector.load`): the same flags
+        at less cost (feature squeezing's extra model runs only when a flag fuses it); responses, metrics
+        and audit records then carry those scores only.
     log_level : {"DEBUG", "INFO", "WARNING", "ERROR"}, default "INFO"
     """
 
@@ -165,6 +169,7 @@ class ServiceSettings(BaseSettings):
     audit_sync: bool = False
 
     population_window_size: int = Field(256, ge=2)
+    flagged_scores_only: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod

@@ -62,11 +62,12 @@ class EvaluationResult:
     p_values: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
 
 
-def _detector_scores(detector: Detector, x: np.ndarray, batch_size: int = 256) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def _detector_scores(detector: Detector, x: np.ndarray, batch_size: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every raw score, its p-value (``p_value:<score>``) and each flag's fused statistic (``fused_<flag>``), and the
-    predicted classes."""
+    predicted classes (``batch_size`` inputs at a time, default :attr:`Detector.batch_size`)."""
     parts: list[dict[str, np.ndarray]] = []
     predicted = []
+    batch_size = batch_size or detector.batch_size
     for start in range(0, len(x), batch_size):
         capture = detector.classify(x[start : start + batch_size])
         raw = detector.raw_scores(capture)

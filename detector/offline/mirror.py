@@ -436,7 +436,7 @@ class DetectorMirror:
         self.detector = detector
         self.settings = settings
         self.capture = list(detector.model.capture)
-        self.network = onnx_to_torch(detector.model.model_, self.capture)
+        self.network = onnx_to_torch(detector.model.capture_model(), self.capture)  # channel means included
         context = _MirrorContext(settings, self.classify)
         self._scorers: list[tuple[Scorer, ScoreMirror]] = [(s, SCORE_MIRRORS[s.kind](s, context)) for s in detector.scorers]
         self._conformal = {name: SmoothConformal(detector.calibrators[name], settings) for name in detector.score_names}

@@ -16,16 +16,17 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from detector.conformal import ConformalCalibrator
+from detector.data import Rows
 from detector.model import OnnxClassifier
 from detector.scorers.base import Scorer
-from detector.squeeze import run_batches_with_squeezers
+from detector.stream import reduced_capture
 
 __all__ = ["tuning_p_values"]
 
 
 def tuning_p_values(model_path: str | os.PathLike[str], model: OnnxClassifier, scorers: Sequence[Scorer],
-                    calibrators: Mapping[str, ConformalCalibrator], x: np.ndarray, y: np.ndarray,
-                    attacks: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+                    calibrators: Mapping[str, ConformalCalibrator], x: "np.ndarray | Rows", y: np.ndarray,
+                    attacks: Sequence[str], chunk_size: int | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per attack, the p-value of every score of its successful examples made from ``x`` (correctly classified).
 
     Parameters
@@ -34,10 +35,13 @@ def tuning_p_values(model_path: str | os.PathLike[str], model: OnnxClassifier, s
         The ONNX classifier (attacked through onnx2torch).
     model, scorers, calibrators
         The calibration's classifier, fitted scorers and conformal calibrators.
-    x : ndarray of shape (n_samples, ...), y : ndarray of shape (n_samples,)
+    x : ndarray or Rows of shape (n_samples, ...), y : ndarray of shape (n_samples,)
         Clean inputs the model classifies correctly, and their labels.
     attacks : sequence of str
         Names from :data:`detector.offline.attacks.ATTACK_DEFAULTS`.
+    chunk_size : int, optional
+        Inputs attacked and scored at a time, so that memory does not grow with ``x`` (default
+        :meth:`OnnxClassifier.batch_size` for four copies of an input: 256 for the digits models and LeNet-5).
 
     Returns
     -------
@@ -48,19 +52,23 @@ def tuning_p_values(model_path: str | os.PathLike[str], model: OnnxClassifier, s
 
     from detector.offline.attacks import load_torch_classifier, run_attack
 
+    rows = x if isinstance(x, Rows) else Rows(x)
+    size = chunk_size or model.batch_size(copies=4)
+    parts: dict[str, list[dict[str, np.ndarray]]] = {name: [] for name in attacks}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small batches: one thread is faster on a shared machine
     try:
         torch_model = load_torch_classifier(model_path)
-        results = {name: run_attack(name, torch_model, x, y) for name in attacks}
+        for start in range(0, len(rows), size):
+            x_part, y_part = rows[start:start + size], y[start:start + size]
+            for name in attacks:
+                result = run_attack(name, torch_model, x_part, y_part)
+                if not result.success.any():
+                    continue
+                capture = reduced_capture(model, result.x_adv[result.success], scorers)
+                scores = {k: v for s in scorers for k, v in s.scores(capture).items()}
+                parts[name].append({k: calibrators[k].p_values(v, capture.predicted) for k, v in scores.items()})
     finally:
         torch.set_num_threads(threads)
-    squeezers = list(dict.fromkeys(n for s in scorers for n in s.squeezer_names()))
-    out = {}
-    for name, result in results.items():
-        if not result.success.any():
-            continue
-        capture = run_batches_with_squeezers(model, result.x_adv[result.success], squeezers)
-        scores = {k: v for s in scorers for k, v in s.scores(capture).items()}
-        out[name] = {k: calibrators[k].p_values(v, capture.predicted) for k, v in scores.items()}
-    return out
+    return {name: {k: np.concatenate([p[k] for p in chunks]) for k in chunks[0]}
+            for name, chunks in parts.items() if chunks}

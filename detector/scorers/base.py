@@ -11,6 +11,13 @@ them all. :meth:`Scorer.score` is the first one, for the common single-score cas
 
 State is written and read as JSON-able parameters plus a dict of plain numpy arrays, so that a baseline
 artifact never needs pickle.
+
+Streaming (calibration, :mod:`detector.stream`): each batch's capture is reduced before the next batch
+runs. A scorer that reads small tensors (logits, channel means, dense layers) names them in
+:meth:`Scorer.kept_tensors` and reads them from the reduced capture as from a full one; a scorer that reads
+large tensors, the pixels or the squeezed copies' logits (all dropped by a reduced capture) derives its
+per-input features in :meth:`Scorer.reduce`, and its ``fit`` and ``scores`` read them from
+``capture.features`` when they are there.
 """
 
 from __future__ import annotations
@@ -77,8 +84,20 @@ class Scorer(ABC):
         """
 
     def required_tensors(self) -> list[str]:
-        """Tensors the scorer reads beyond the classifier's default capture (none by default)."""
+        """Capture keys the scorer reads beyond the classifier's default capture (none by default)."""
         return []
+
+    def kept_tensors(self) -> list[str]:
+        """Capture keys a reduced capture must keep for this scorer (default: :meth:`required_tensors`)."""
+        return self.required_tensors()
+
+    def reduce(self, capture: Capture) -> dict[str, np.ndarray]:
+        """Per-input features derived from tensors that a reduced capture drops (none by default).
+
+        Returns a dict of arrays of shape (n_samples, ...), keyed by the scorer's :attr:`kind`; :meth:`fit` and
+        :meth:`scores` read them back from :attr:`Capture.features <detector.capture.Capture.features>`.
+        """
+        return {}
 
     def squeezer_names(self) -> list[str]:
         """Squeezed copies of the input (:data:`detector.squeeze.SQUEEZERS`) whose logits it reads (none by default)."""

@@ -15,7 +15,7 @@ using clean data only. Two statistics:
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -125,6 +125,21 @@ class _LayerwiseScorer(Scorer):
         return scorer
 
 
+class _KNNReference(NamedTuple):
+    """A layer's normalised clean references (float32, the state) and their true labels, with what each query
+    needs of them computed once: the references in float64 and their squared norms."""
+
+    reference: np.ndarray
+    labels: np.ndarray
+    reference64: np.ndarray
+    squared: np.ndarray
+
+    @classmethod
+    def of(cls, reference: np.ndarray, labels: np.ndarray) -> "_KNNReference":
+        reference64 = reference.astype(np.float64)
+        return cls(reference, labels, reference64, (reference64 * reference64).sum(axis=1))
+
+
 class LayerwiseKNNScorer(_LayerwiseScorer):
     """Layer-wise class-conditional k-NN distance, p-values per layer, Fisher fusion (JTLA-style).
 
@@ -154,27 +169,27 @@ class LayerwiseKNNScorer(_LayerwiseScorer):
     def _params(self) -> dict[str, Any]:
         return {**super()._params(), "k": int(self.k)}
 
-    def _fit_layer(self, features: np.ndarray, labels: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    def _fit_layer(self, features: np.ndarray, labels: np.ndarray, n_classes: int) -> _KNNReference:
         if not isinstance(self.k, (int, np.integer)) or self.k < 1:
             raise InvalidInput(f"k must be a positive integer, got {self.k!r}")
-        return KNNScorer._normalise(features).astype(np.float32), labels.astype(np.int64)
+        return _KNNReference.of(KNNScorer._normalise(features).astype(np.float32), labels.astype(np.int64))
 
-    def _statistic(self, model: tuple[np.ndarray, np.ndarray], features: np.ndarray, classes: np.ndarray) -> np.ndarray:
-        reference, labels = model
+    def _statistic(self, model: _KNNReference, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        labels = model.labels
         u = KNNScorer._normalise(features)
-        ref = reference.astype(np.float64)
-        sq = (u * u).sum(axis=1, keepdims=True) + (ref * ref).sum(axis=1) - 2.0 * (u @ ref.T)
+        sq = (u * u).sum(axis=1, keepdims=True) + model.squared - 2.0 * (u @ model.reference64.T)
         sq[labels[None, :] != classes[:, None]] = np.inf  # only the predicted class's references
         counts = np.bincount(labels, minlength=int(classes.max(initial=0)) + 1)[classes]
         kth = np.minimum(self.k, np.maximum(counts, 1)) - 1
-        d = np.sort(sq, axis=1)[np.arange(len(u)), kth]
+        d = np.partition(sq, np.unique(kth), axis=1)[np.arange(len(u)), kth]
         return np.sqrt(np.maximum(np.where(np.isfinite(d), d, 4.0), 0.0))
 
-    def _model_state(self, model: tuple[np.ndarray, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
-        return {f"{prefix}reference": model[0], f"{prefix}labels": model[1]}
+    def _model_state(self, model: _KNNReference, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}reference": model.reference, f"{prefix}labels": model.labels}
 
-    def _model_from_state(self, arrays: dict[str, np.ndarray], prefix: str) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(arrays[f"{prefix}reference"], np.float32), np.asarray(arrays[f"{prefix}labels"], np.int64)
+    def _model_from_state(self, arrays: dict[str, np.ndarray], prefix: str) -> _KNNReference:
+        return _KNNReference.of(np.asarray(arrays[f"{prefix}reference"], np.float32),
+                                np.asarray(arrays[f"{prefix}labels"], np.int64))
 
 
 class LayerwiseMahalanobisScorer(_LayerwiseScorer):

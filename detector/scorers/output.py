@@ -72,16 +72,24 @@ class FeatureSqueezingScorer(LogitScorer):
         self.scores(capture)  # refuses a capture without the squeezed logits
         return self
 
+    def reduce(self, capture: Capture) -> dict[str, np.ndarray]:
+        """The score of every input: a reduced capture drops the squeezed copies' logits (n_classes each)."""
+        return {self.kind: self._distances(capture)}
+
     def scores(self, capture: Capture) -> dict[str, np.ndarray]:
         """Largest L1 distance between the softmax of the input and of a squeezed copy, ndarray (n_samples,) in [0, 2]."""
         self._logits(capture)  # fitted, and logits of the fitted shape
+        if self.kind in capture.features:
+            return {self.kind: capture.features[self.kind]}
+        return {self.kind: self._distances(capture)}
+
+    def _distances(self, capture: Capture) -> np.ndarray:
         missing = [s for s in self.squeezers if s not in capture.squeezed_logits]
         if missing:
             raise InvalidInput(f"the capture has no logits of the squeezed copies {missing}: run the model through "
                                "detector.squeeze.run_with_squeezers")
         p = capture.probabilities
-        distances = [np.abs(p - softmax(capture.squeezed_logits[s])).sum(axis=1) for s in self.squeezers]
-        return {self.kind: np.max(distances, axis=0)}
+        return np.max([np.abs(p - softmax(capture.squeezed_logits[s])).sum(axis=1) for s in self.squeezers], axis=0)
 
     def _params(self) -> dict[str, Any]:
         return {"squeezers": list(self.squeezers)}

@@ -45,9 +45,10 @@ def _check_labels(capture: Capture, labels: np.ndarray) -> np.ndarray:
 def layer_features(capture: Capture, layer: str) -> np.ndarray:
     """Feature matrix of one captured tensor, ndarray of shape (n_samples, n_features), float64.
 
-    Dense tensors (n_samples, d) are used as they are; convolutional tensors (n_samples, C, H, W) (or any
-    tensor with more than two axes) are reduced to channel means over the trailing spatial axes, as Lee et
-    al. (2018) do for their feature ensemble.
+    Dense tensors (n_samples, d) are used as they are, and so are channel means captured in the graph
+    (``mean(<tensor>)``, (n_samples, C)); convolutional tensors (n_samples, C, H, W) (or any tensor with more
+    than two axes) are reduced to channel means over the trailing spatial axes, as Lee et al. (2018) do for
+    their feature ensemble.
 
     Raises
     ------
@@ -355,8 +356,14 @@ class NonzeroPixelsScorer(Scorer):
         self.threshold = threshold
 
     def _counts(self, capture: Capture) -> np.ndarray:
+        if self.kind in capture.features:
+            return capture.features[self.kind]
         x = np.asarray(capture.inputs)
         return (x.reshape(len(x), -1) > self.threshold).sum(axis=1).astype(np.float64)
+
+    def reduce(self, capture: Capture) -> dict[str, np.ndarray]:
+        """The lit-pixel count of every input (a reduced capture drops the pixels)."""
+        return {self.kind: self._counts(capture)}
 
     def fit(self, capture: Capture, labels: np.ndarray) -> "NonzeroPixelsScorer":
         """Record the clean median count; ``labels`` are checked for length only. Returns self."""

@@ -34,8 +34,19 @@ class _InducedGraphScorer(Scorer):
     def required_tensors(self) -> list[str]:
         return list(self.features.graph.required_tensors)
 
+    def kept_tensors(self) -> list[str]:
+        """None: the whole tensors of the edge-budget window are reduced to the features (:meth:`reduce`)."""
+        return []
+
+    def reduce(self, capture: Capture) -> dict[str, np.ndarray]:
+        """This scorer's feature block of every input of ``capture`` (computed once for both topology scorers)."""
+        return {self.kind: self.features.transform(capture)[self.block]}
+
     def _matrix(self, capture: Capture) -> np.ndarray:
-        return np.log1p(np.maximum(self.features.transform(capture)[self.block], 0.0))
+        raw = capture.features.get(self.kind)
+        if raw is None:
+            raw = self.features.transform(capture)[self.block]
+        return np.log1p(np.maximum(raw, 0.0))
 
     def fit(self, capture: Capture, labels: np.ndarray) -> "_InducedGraphScorer":
         """Fit the Gaussian on the clean ``capture``; ``labels`` are used only to check the length.

@@ -74,6 +74,31 @@ def test_raw_and_gzipped_idx_and_npz_round_trip(tmp_path):
     assert load_dataset(str(tmp_path / "f.npz")).x.shape == (3, 1, 4, 4)
 
 
+def test_a_large_uncompressed_npz_is_read_row_by_row(tmp_path, monkeypatch):
+    import detector.data
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (40, 3, 6, 5), dtype=np.uint8)
+    np.savez(tmp_path / "big.npz", x=x, y=np.arange(40) % 10)
+    np.savez(tmp_path / "gray.npz", x=rng.random((9, 6, 5)).astype(np.float32), y=np.zeros(9, np.int64))
+    np.savez_compressed(tmp_path / "packed.npz", x=x, y=np.arange(40) % 10)
+    assert isinstance(load_dataset(str(tmp_path / "big.npz")).x, np.ndarray)  # below LAZY_BYTES: loaded
+    monkeypatch.setattr(detector.data, "LAZY_BYTES", 0)
+    assert isinstance(load_dataset(str(tmp_path / "packed.npz")).x, np.ndarray)  # compressed: loaded
+    lazy = load_dataset(str(tmp_path / "big.npz")).x
+    assert isinstance(lazy, detector.data.NpzImages) and lazy.shape == (40, 3, 6, 5) and len(lazy) == 40
+    want = x.astype(np.float32) / 255
+    mask = np.arange(40) % 3 == 0
+    for key in (slice(3, 17), slice(None), np.array([5, 1, 2, 3, 39]), mask, 7):
+        np.testing.assert_array_equal(lazy[key], want[key])
+    np.testing.assert_array_equal(np.asarray(lazy), want)
+    gray = load_dataset(str(tmp_path / "gray.npz")).x
+    assert gray.shape == (9, 1, 6, 5) and gray[2:4].dtype == np.float32
+    rows = detector.data.Rows(lazy, np.array([9, 8, 7, 1]))
+    assert rows.shape == (4, 3, 6, 5)
+    np.testing.assert_array_equal(rows.select(np.array([True, False, True, True]))[0:2], want[[9, 7]])
+
+
 def test_missing_file():
     with pytest.raises(DataError, match="data not found: '/nonexistent.npz'"):
         load_dataset("/nonexistent.npz")

@@ -50,13 +50,16 @@ def test_lenet5_trains_on_real_mnist(mnist_dir, tmp_path):
 def test_cli_layers_prints_a_table(demo_models, capsys):
     assert main(["layers", "--model", str(demo_models / "digits_cnn.onnx")]) == 0
     out = capsys.readouterr().out
-    assert re.search(r"^/1/Relu_output_0 +Relu +16x8x8 +1024 +yes +induced graph$", out, re.M), out
+    assert re.search(r"^/1/Relu_output_0 +Relu +16x8x8 +1024 +whole +induced graph +topology, introspection, "
+                     r"layerwise_knn, layerwise_mahalanobis, population$", out, re.M), out
+    assert re.search(r"^/8/Relu_output_0 +Relu +64 +64 +whole +induced graph +topology, introspection, mahalanobis, knn, ",
+                     out, re.M), out
     assert "10 classes" in out
-    assert out.count("yes") == 3
+    assert out.count("population") == 3 and "channel means" not in out.split("\n\n")[0]  # the three ReLUs, whole
     assert "outside the edge budget" not in out and "opaque" not in out  # the whole graph fits the budget
     assert main(["layers", "--model", str(demo_models / "digits_cnn.onnx"), "--max-edges", "10000"]) == 0
     small = capsys.readouterr().out
-    assert re.search(r"^/1/Relu_output_0 .* outside the edge budget$", small, re.M), small
+    assert re.search(r"^/1/Relu_output_0 .* outside the edge budget +introspection, ", small, re.M), small
     assert re.search(r"^logits +Gemm .* induced graph$", small, re.M), small
 
 

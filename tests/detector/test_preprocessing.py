@@ -56,6 +56,26 @@ def test_a_folder_of_digits_calibrates_and_scores_with_the_stored_preprocessing(
     assert [int(r["label"]) for r in rows] == read.y.tolist()
 
 
+def test_a_large_folder_is_decoded_batch_by_batch(tmp_path: Path, monkeypatch) -> None:
+    import detector.data
+
+    test = load_dataset("digits:test")
+    expected = _write_folder(tmp_path / "test", test.x[:30], test.y[:30])
+    eager = load_dataset(str(tmp_path / "test"), preprocessing=Preprocessing(channels=1))
+    assert isinstance(eager.x, np.ndarray)
+    monkeypatch.setattr(detector.data, "LAZY_BYTES", 0)
+    lazy = load_dataset(str(tmp_path / "test"), preprocessing=Preprocessing(channels=1))
+    assert isinstance(lazy.x, detector.data.FolderImages) and lazy.x.shape == eager.x.shape == expected.shape
+    np.testing.assert_array_equal(lazy.y, eager.y)
+    np.testing.assert_array_equal(lazy.x[4:11], eager.x[4:11])
+    np.testing.assert_array_equal(lazy.x[np.array([29, 0, 3])], eager.x[[29, 0, 3]])
+    np.testing.assert_array_equal(lazy.x.head(5)[:], eager.x[:5])
+    Image.fromarray(np.zeros((9, 9), np.uint8), mode="L").save(tmp_path / "test" / "class_00" / "zz_odd.png")
+    odd = load_dataset(str(tmp_path / "test"), preprocessing=Preprocessing(channels=1))
+    with pytest.raises(DataError, match="give a resize and a centre crop"):
+        odd.x[:]
+
+
 def test_resize_and_centre_crop_keep_the_middle_of_an_rgb_image(tmp_path: Path) -> None:
     image = np.zeros((40, 80, 3), np.uint8)
     image[:, 30:50] = (255, 0, 0)  # a red band in the middle 20 columns

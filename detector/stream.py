@@ -1,0 +1,59 @@
+"""Streaming: run inputs through the classifier batch by batch and keep of each batch only what the scorers read.
+
+Calibration holds one *reduced* capture of all its inputs (:func:`reduced_capture`): per input, the logits,
+the squeezed copies' logits, the small captured tensors (channel means, dense layers) and the features the
+scorers derive from the large ones (:meth:`Scorer.reduce <detector.scorers.base.Scorer.reduce>`: the
+topology features of the edge-budget window, the lit-pixel count). The pixels and the whole conv maps of a
+batch are dropped before the next batch runs, so memory grows with the number of inputs only by those few
+per-input numbers. Scorers then fit and score reduced captures as they would full ones.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from detector.capture import Capture
+from detector.data import LazyImages, Rows
+from detector.model import OnnxClassifier
+from detector.scorers.base import Scorer
+from detector.squeeze import run_with_squeezers
+
+__all__ = ["reduced_capture"]
+
+
+def reduced_capture(model: OnnxClassifier, x: "np.ndarray | LazyImages | Rows", scorers: Sequence[Scorer],
+                    keep: Sequence[str] = (), batch_size: int | None = None) -> Capture:
+    """The reduced capture of the inputs ``x`` for ``scorers``, computed batch by batch.
+
+    Parameters
+    ----------
+    model : OnnxClassifier
+        Capturing at least what the scorers read (their :meth:`~detector.scorers.base.Scorer.required_tensors`).
+    x : ndarray, LazyImages or Rows of shape (n_samples, ...)
+        The inputs; only ``x[a:b]`` slices are read.
+    scorers : sequence of Scorer
+        Their squeezers run in the same ONNX Runtime pass; their :meth:`kept_tensors` are kept and their
+        :meth:`reduce` features computed.
+    keep : sequence of str
+        Further capture keys to keep (the population monitor's layers).
+    batch_size : int, optional
+        Inputs per run (default :meth:`OnnxClassifier.batch_size` for the input and its squeezed copies).
+
+    Returns
+    -------
+    Capture
+        ``inputs`` None; ``activations`` the kept keys; ``features`` the scorers' reductions.
+    """
+    squeezers = list(dict.fromkeys(n for s in scorers for n in s.squeezer_names()))
+    kept = list(dict.fromkeys([*keep, *(t for s in scorers for t in s.kept_tensors())]))
+    size = batch_size or model.batch_size(copies=1 + len(squeezers))
+    parts = []
+    for start in range(0, len(x), size):
+        capture = run_with_squeezers(model, x[start:start + size], squeezers)
+        features: dict[str, np.ndarray] = {}
+        for scorer in scorers:
+            features.update(scorer.reduce(capture))
+        parts.append(capture.reduced(kept, features))
+    return parts[0] if len(parts) == 1 else Capture.concatenate(parts)
