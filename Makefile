@@ -41,15 +41,16 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 # Benchmarks write bench/results/*.md (topology speed, detection quality, gRPC load, hostile traffic,
-# real architectures, adaptive attacks). Together they take well over an hour on 2 cores.
+# per-scorer cost, real architectures, adaptive attacks). Together they take well over an hour on 2 cores.
 bench: $(STAMP)
 	$(PY) bench/topology.py
 	$(PY) bench/quality.py
 	$(PY) bench/fusion_ablation.py
+	$(PY) bench/scorer_cost.py
 	$(PY) bench/load.py
 	$(PY) bench/hostile.py
 	$(PY) bench/scale.py
-	$(PY) bench/adaptive.py
+	$(PY) bench/quality.py --adaptive lenet5
 
 clean:
 	rm -rf $(BUILD) .pytest_cache

@@ -10,8 +10,8 @@ and the successful 8-bit adversarial examples of each attack) and the baseline's
 - ``fisher_all`` / ``min_all``: Fisher / minimum p (Tippett) over every candidate score;
 - ``fisher_persistence_squeezing``: Fisher over induced persistence and feature squeezing, the pair the
   design notes found complementary (fixed beforehand, not tuned);
-- ``weighted_fisher_lr``: Fisher weighted by a logistic regression fitted on this run's FGSM and foreground
-  FGSM rows (the tuning attack types; those rows are then in-sample);
+- ``weighted_fisher_lr``: Fisher weighted by a logistic regression fitted on this run's rows of the tuning
+  attack types (:attr:`~detector.calibration.CalibrationConfig.tuning_attacks`; those rows are then in-sample);
 - the best single score of the row, for reference (chosen on the row itself: an oracle, not a detector).
 
 Run: ``.venv/bin/python bench/fusion_ablation.py [digits_cnn] [lenet5]`` after ``bench/quality.py``.
@@ -26,14 +26,14 @@ import numpy as np
 from common import RESULTS, ROOT, write_result  # noqa: E402  (puts ROOT on sys.path)
 
 from detector.baseline import read_baseline  # noqa: E402
-from detector.calibration import ADVERSARIAL_CANDIDATES, ADVERSARIAL_SCORES  # noqa: E402
+from detector.calibration import ADVERSARIAL_CANDIDATES, ADVERSARIAL_SCORES, CalibrationConfig  # noqa: E402
 from detector.conformal import Fusion  # noqa: E402
 from detector.fusion_choice import logistic_weights  # noqa: E402
 from detector.offline.evaluate import tpr_at_fpr  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
 WORK = ROOT / "build" / "bench"
-TUNING = ("fgsm", "fgsm_foreground")
+TUNING = CalibrationConfig().tuning_attacks
 
 
 def _load(model: str) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from detector.errors import AdvDetectError
 
 if TYPE_CHECKING:
+    from detector.data import Dataset
+    from detector.pipeline import Detector
     from detector.preprocessing import Preprocessing
 
 __all__ = ["main"]
@@ -109,10 +111,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from detector.calibration import CalibrationConfig, calibrate
     from detector.data import load_dataset
 
+    tuning = {} if args.tuning_attacks is None else {
+        "tuning_attacks": () if args.tuning_attacks == ["none"] else tuple(args.tuning_attacks)}
     try:
         config = CalibrationConfig(layers=args.layers, fprs=args.fpr, seed=args.seed, top_q=args.top_q,
                                    max_edges=args.max_edges, latent_dim=args.latent_dim, progress=not args.quiet,
-                                   tuning_attacks=() if args.tuning_attacks == ["none"] else tuple(args.tuning_attacks))
+                                   **tuning)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise AdvDetectError(f"invalid calibration settings: {problems}") from None
@@ -172,6 +176,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, preprocessing=_preprocessing(args.model, detector.manifest.data.preprocessing))
     if args.limit:
         data = type(data)(data.x[: args.limit], data.y[: args.limit], f"{data.name}[:{args.limit}]")
+    if args.adaptive:
+        return _evaluate_adaptive(args, detector, data)
     import torch
 
     torch.set_num_threads(1)  # the attacks' small batches run 10-20x slower with 2 threads on a 2-core machine
@@ -181,6 +187,27 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     write_results(result, Path(args.out))
     print(results_markdown(result.table))
     print(f"results written to {args.out}/results.json, results.md and roc_*.png")
+    return 0
+
+
+def _evaluate_adaptive(args: argparse.Namespace, detector: Detector, data: Dataset) -> int:
+    """``evaluate --adaptive``: adaptive attacks and their sanity checks, written to ``--out``/adaptive.*."""
+    from pydantic import ValidationError
+
+    from detector.offline.adaptive_report import AdaptiveConfig, adaptive_evaluate, write_adaptive
+
+    settings = {"n_inputs": args.max_attacked, "steps": args.steps, "queries": args.queries, "linf_budgets": args.budgets}
+    try:
+        config = AdaptiveConfig(**{k: v for k, v in settings.items() if v not in (None, 0)})
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise AdvDetectError(f"invalid adaptive settings: {problems}") from None
+    if args.queries == 0:
+        config = config.model_copy(update={"queries": 0})
+    say = None if args.quiet else (lambda message: print(f"[adaptive] {message}", file=sys.stderr, flush=True))
+    table = adaptive_evaluate(detector, data, config, progress=say) | {"model": Path(args.model).stem}
+    print(write_adaptive(table, Path(args.out), command="advdetect " + " ".join(sys.argv[1:])))
+    print(f"results written to {args.out}/adaptive.json, adaptive.md and adaptive.png")
     return 0
 
 
@@ -256,9 +283,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-edges", type=int, default=DEFAULT_MAX_EDGES,
                    help=f"induced-graph edge budget: the last stages that fit it (default {DEFAULT_MAX_EDGES:,})")
     p.add_argument("--latent-dim", type=int, default=8, help="introspection VAE latent size (default 8)")
-    p.add_argument("--tuning-attacks", type=_names, default=["fgsm", "fgsm_foreground"],
+    p.add_argument("--tuning-attacks", type=_names, default=None,
                    help="attacks made on calibration data to choose the adversarial fusion (default "
-                        "fgsm,fgsm_foreground; 'none': Fisher over the default members, no attack data)")
+                        "fgsm,fgsm_foreground: CalibrationConfig's; add deepfool,fgsm_minimal_foreground for "
+                        "boundary attacks; 'none': Fisher over the default members, no attack data)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_calibrate)
 
@@ -281,7 +309,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="evaluate on the first N inputs only")
     p.add_argument("--pixel-levels", type=int, default=255,
                    help="round clean and adversarial pixels to k/LEVELS (default 255: 8-bit); 0: no rounding")
-    p.add_argument("--max-attacked", type=int, default=0, help="attack only the first N correct inputs (0: all)")
+    p.add_argument("--max-attacked", type=int, default=0,
+                   help="attack only the first N correct inputs (0: all; with --adaptive, 0 means 100)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="attacks that know the detector (white-box through its mirror, score-based Square) with "
+                        "Tramer et al.'s sanity checks; writes adaptive.md, adaptive.json, adaptive.png (needs torch)")
+    p.add_argument("--budgets", type=_floats, default=None,
+                   help="with --adaptive: L-inf eps on the digit's pixels (default 0.1,0.2,0.3)")
+    p.add_argument("--steps", type=int, default=None, help="with --adaptive: PGD steps per run (default 30)")
+    p.add_argument("--queries", type=int, default=None, help="with --adaptive: Square queries per input (default 1000; 0: none)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
 

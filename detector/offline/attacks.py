@@ -4,19 +4,22 @@ The classifier under attack is the deployed ONNX file itself, converted to a ``t
 ``onnx2torch`` (:func:`load_torch_classifier`), so a user needs nothing but that file. The attacks are
 those of the Adversarial Robustness Toolbox (ART 1.20, MIT), run through its ``PyTorchClassifier``:
 
-========================  ======================================================================
-name (:data:`ATTACKS`)    what (ART class)
-========================  ======================================================================
-``fgsm``                  one L-inf step, eps 0.3 (``FastGradientMethod``; Goodfellow et al. 2015)
-``fgsm_foreground``       the same step on the pixels lit in the clean input only (``mask``)
-``pgd``                   L-inf PGD, eps 0.3, random start (``ProjectedGradientDescent``; Madry et al.)
-``pgd_foreground``        the same PGD with ``mask`` = the pixels lit in the clean input
-``deepfool``              multi-class DeepFool, L2 (``DeepFool``; Moosavi-Dezfooli et al. 2016)
-``cw_k0``, ``cw_k10``     Carlini-Wagner L2, confidence kappa = 0 / 10 logits (``CarliniL2Method``)
-``square``                score-based black-box L-inf attack, eps 0.3 (``SquareAttack``; Andriushchenko
-                          et al. 2020)
-``noise``                 additive Gaussian noise, sigma 0.1: a natural-corruption control, not an attack
-========================  ======================================================================
+===========================  ======================================================================
+name (:data:`ATTACKS`)       what (ART class)
+===========================  ======================================================================
+``fgsm``                     one L-inf step, eps 0.3 (``FastGradientMethod``; Goodfellow et al. 2015)
+``fgsm_foreground``          the same step on the pixels lit in the clean input only (``mask``)
+``fgsm_minimal_foreground``  the smallest such foreground step that flips the class, eps searched in steps
+                             of ``eps_step`` up to 0.3 (``minimal=True``): a fast minimum-perturbation attack
+                             whose examples sit just across the boundary, as CW kappa=0's do
+``pgd``                      L-inf PGD, eps 0.3, random start (``ProjectedGradientDescent``; Madry et al.)
+``pgd_foreground``           the same PGD with ``mask`` = the pixels lit in the clean input
+``deepfool``                 multi-class DeepFool, L2 (``DeepFool``; Moosavi-Dezfooli et al. 2016)
+``cw_k0``, ``cw_k10``        Carlini-Wagner L2, confidence kappa = 0 / 10 logits (``CarliniL2Method``)
+``square``                   score-based black-box L-inf attack, eps 0.3 (``SquareAttack``; Andriushchenko
+                             et al. 2020)
+``noise``                    additive Gaussian noise, sigma 0.1: a natural-corruption control, not an attack
+===========================  ======================================================================
 
 Valid images. Images reach a service as 8-bit pixels, so every adversarial example is rounded to the
 pixel grid ``k / pixel_levels`` (255 by default: 8-bit; ``None`` leaves float inputs as they are) and its
@@ -60,6 +63,8 @@ __all__ = [
 #: - ``fgsm``/``fgsm_foreground``/``pgd``/``pgd_foreground``/``square``: eps = 0.3, the standard MNIST L-inf budget (Madry et al.
 #:   2018). PGD: 40 steps of 2.5 * eps / 40 from one random start; the foreground variant only moves pixels
 #:   above ``threshold`` in the clean image (the background stays exactly as it was).
+#: - ``fgsm_minimal_foreground``: foreground FGSM steps of eps 0.01, 0.02, ... up to 0.3, each input keeping the
+#:   first that flips its class (ART's ``minimal=True``; the 8-bit rounding then undoes a few).
 #: - ``deepfool``: the paper's overshoot 0.02, 50 iterations, gradients of all 10 classes.
 #: - ``cw_k0``/``cw_k10``: kappa 0 / 10 logits, initial constant 1, 5 binary-search steps of 50 iterations at
 #:   learning rate 0.1 (ART's defaults of 10 x 10 at 0.01 with c = 0.01 fail on most MNIST digits).
@@ -68,6 +73,7 @@ __all__ = [
 ATTACK_DEFAULTS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     "fgsm": MappingProxyType({"eps": 0.3}),
     "fgsm_foreground": MappingProxyType({"eps": 0.3, "threshold": 0.0}),
+    "fgsm_minimal_foreground": MappingProxyType({"eps": 0.3, "eps_step": 0.01, "threshold": 0.0}),
     "pgd": MappingProxyType({"eps": 0.3, "n_steps": 40, "seed": 0}),
     "pgd_foreground": MappingProxyType({"eps": 0.3, "n_steps": 40, "seed": 0, "threshold": 0.0}),
     "deepfool": MappingProxyType({"overshoot": 0.02, "max_iter": 50}),
@@ -212,6 +218,9 @@ def _art_attack(name: str, model: torch.nn.Module, x: np.ndarray, y: np.ndarray,
     if name in ("fgsm", "fgsm_foreground"):
         mask = (x > p["threshold"]).astype(np.float32) if name == "fgsm_foreground" else None
         return FastGradientMethod(classifier, eps=p["eps"], batch_size=batch_size).generate(x, y, mask=mask)
+    if name == "fgsm_minimal_foreground":
+        return FastGradientMethod(classifier, eps=p["eps"], eps_step=p["eps_step"], minimal=True,
+                                  batch_size=batch_size).generate(x, y, mask=(x > p["threshold"]).astype(np.float32))
     if name in ("pgd", "pgd_foreground"):
         attack = ProjectedGradientDescent(classifier, eps=p["eps"], eps_step=2.5 * p["eps"] / p["n_steps"],
                                           max_iter=p["n_steps"], num_random_init=1, batch_size=batch_size,

@@ -9,8 +9,8 @@ files and the same fitted arrays:
   (:func:`detector.offline.torch_onnx.onnx_to_torch`);
 - each scorer, by its ``kind`` (:data:`SCORE_MIRRORS`; a new scorer kind is mirrored by adding a
   factory there): induced persistence and Betti density (:mod:`detector.offline.mirror_topology`),
-  introspection (its ONNX graph through onnx2torch), max-softmax, Mahalanobis, k-NN and the non-zero
-  pixel count;
+  introspection (its ONNX graph through onnx2torch), max-softmax, Mahalanobis, k-NN, the trust score and the
+  non-zero pixel count;
 - the conformal p-value of each score (:class:`SmoothConformal`): the step function
   p(s) = (1 + #{r >= s}) / (|R| + 1) (times the exponential tail above r_max) gets the smooth monotone
   surrogate with sigmoid((r - s) / h) in place of the indicator;
@@ -313,6 +313,24 @@ def _layerwise(scorer: Any, context: _MirrorContext) -> ScoreMirror:
     return run
 
 
+def _trust_score(scorer: Any, context: _MirrorContext) -> ScoreMirror:
+    """-log trust score: (log d^2 to the predicted class - log min over other classes of d^2) / 2, class distances
+    to the k-th nearest normalised reference of each class, as :class:`~detector.scorers.trust.TrustScoreScorer`."""
+    sq_distances, layer = _normalised_sq_distances(scorer.reference_), scorer.layer_
+    members, kth = scorer._members, scorer._kth
+
+    def run(p: MirrorPass) -> dict[str, torch.Tensor]:
+        sq = sq_distances(_channel_features(p.activations[layer]).to(torch.float64))
+        d = torch.stack([sq[:, m].kthvalue(int(k) + 1, dim=1).values if len(m) else torch.full_like(sq[:, 0], 4.0)
+                         for m, k in zip(members, kth)], dim=1).clamp(1e-12, 4.0)
+        top = torch.from_numpy(p.predicted)[:, None]
+        own = d.gather(1, top)[:, 0]
+        other = d.scatter(1, top, float("inf")).min(dim=1).values
+        return {"trust_score": 0.5 * (torch.log(own) - torch.log(other))}
+
+    return run
+
+
 #: Score mirror factory of each scorer kind (``Scorer.kind``): ``factory(scorer, context) -> mirror``, where
 #: ``mirror(MirrorPass)`` returns the scorer's named scores as float64 tensors (n,), higher = more suspicious.
 SCORE_MIRRORS: dict[str, Callable[[Any, _MirrorContext], ScoreMirror]] = {
@@ -327,6 +345,7 @@ SCORE_MIRRORS: dict[str, Callable[[Any, _MirrorContext], ScoreMirror]] = {
     "feature_squeezing": _feature_squeezing,
     "layerwise_knn": _layerwise,
     "layerwise_mahalanobis": _layerwise,
+    "trust_score": _trust_score,
 }
 
 

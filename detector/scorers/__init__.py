@@ -5,6 +5,7 @@ from detector.scorers.layerwise import LayerwiseKNNScorer, LayerwiseMahalanobisS
 from detector.scorers.output import EnergyScorer, FeatureSqueezingScorer
 from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScorer, NonzeroPixelsScorer
 from detector.scorers.topology import BettiDensityScorer, InducedPersistenceScorer
+from detector.scorers.trust import TrustScoreScorer
 
 __all__ = [
     "BettiDensityScorer",
@@ -19,4 +20,5 @@ __all__ = [
     "NonzeroPixelsScorer",
     "Scorer",
     "ScorerContext",
+    "TrustScoreScorer",
 ]

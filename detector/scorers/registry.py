@@ -8,6 +8,7 @@ from detector.scorers.layerwise import LayerwiseKNNScorer, LayerwiseMahalanobisS
 from detector.scorers.output import EnergyScorer, FeatureSqueezingScorer
 from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScorer, NonzeroPixelsScorer
 from detector.scorers.topology import BettiDensityScorer, InducedPersistenceScorer
+from detector.scorers.trust import TrustScoreScorer
 
 __all__ = ["SCORER_KINDS", "STAGE_OF_KIND"]
 
@@ -15,7 +16,7 @@ SCORER_KINDS: dict[str, type[Scorer]] = {
     cls.kind: cls
     for cls in (InducedPersistenceScorer, BettiDensityScorer, IntrospectionScorer, MaxSoftmaxScorer, MahalanobisScorer,
                 KNNScorer, NonzeroPixelsScorer, EnergyScorer, FeatureSqueezingScorer, LayerwiseKNNScorer,
-                LayerwiseMahalanobisScorer)
+                LayerwiseMahalanobisScorer, TrustScoreScorer)
 }
 
 #: Stage label (``advdetect_stage_duration_seconds{stage}``) of each scorer kind.
@@ -31,4 +32,5 @@ STAGE_OF_KIND = {
     "feature_squeezing": "peers",
     "layerwise_knn": "peers",
     "layerwise_mahalanobis": "peers",
+    "trust_score": "peers",
 }

@@ -21,8 +21,9 @@ N_INPUTS = 60
 FAST = {"cw_k0": {"steps": 20, "binary_search_steps": 3}, "cw_k10": {"steps": 20, "binary_search_steps": 3},
         "square": {"max_iter": 100}}
 #: Success-rate floors on the digits CNN after rounding (measured with these settings: fgsm, pgd,
-#: pgd_foreground, deepfool 1.0, cw_k0 0.983, cw_k10 0.817, square 0.983; fgsm_foreground on 360 test digits 0.95).
-FLOORS = {"fgsm": 0.9, "fgsm_foreground": 0.5, "pgd": 0.95, "pgd_foreground": 0.9, "deepfool": 0.9, "cw_k0": 0.9, "cw_k10": 0.7, "square": 0.9}
+#: pgd_foreground, deepfool 1.0, cw_k0 0.983, cw_k10 0.817, square 0.983; fgsm_foreground on 360 test digits 0.95,
+#: fgsm_minimal_foreground 0.93).
+FLOORS = {"fgsm": 0.9, "fgsm_foreground": 0.5, "fgsm_minimal_foreground": 0.5, "pgd": 0.95, "pgd_foreground": 0.9, "deepfool": 0.9, "cw_k0": 0.9, "cw_k10": 0.7, "square": 0.9}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,6 +90,10 @@ def test_attacks_give_valid_8bit_images_and_honest_success(name, results, onnx_c
     if name.endswith("_foreground"):
         background = (x == 0).reshape(len(x), -1)
         assert not delta[background].any()
+    if name == "fgsm_minimal_foreground":  # the smallest step that flips: mean Linf 0.15 on 354 test digits
+        foreground = results["fgsm_foreground"]
+        both = r.success & foreground.success
+        assert (r.linf[both] <= foreground.linf[both] + 1e-6).all() and r.linf[both].mean() < 0.25
     if name == "noise":
         assert r.success_rate < 0.2
     else:

@@ -28,7 +28,8 @@ def test_artifact_layout_and_manifest(cnn_baseline):
     assert raw["schema_version"] == 1 and raw["model"]["sha256"] == manifest.model.sha256
     assert [s["kind"] for s in raw["scorers"]] == ["induced_persistence", "betti_density", "introspection",
                                                    "max_softmax", "mahalanobis", "knn", "nonzero_pixels", "energy",
-                                                   "feature_squeezing", "layerwise_knn", "layerwise_mahalanobis"]
+                                                   "feature_squeezing", "layerwise_knn", "layerwise_mahalanobis",
+                                                   "trust_score"]
     assert {f["name"] for f in raw["flags"]} == {"adversarial", "likely_misclassified"}
     for rule in manifest.flags:
         for t in rule.thresholds:  # the conformal quantile keeps the held-out FPR at or below target

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from detector.conformal import Fusion
 from detector.errors import InvalidInput
@@ -26,6 +27,31 @@ def test_a_strong_member_is_not_diluted_by_weak_ones():
     assert "strong" in choice.scores and not {"weak_a", "weak_b"} <= set(choice.scores)  # zero weights dropped
     assert choice.auroc["attack"] > choice.alternatives["default"]  # Fisher over all four is diluted
     assert "highest mean AUROC" in choice.reason() and "default" in choice.reason()
+
+
+def test_the_worst_case_prefers_the_member_that_holds_on_every_family():
+    """'sharp' catches the high-confidence attack and half misses the boundary one; 'even' sees both fairly
+    well. Among single members the mean prefers 'sharp' (its easy 1.0 buys the loss), the lowest AUROC
+    prefers 'even'; the weighted Fisher over both beats each on either criterion."""
+    rng = np.random.default_rng(2)
+    clean = {k: rng.uniform(0.001, 1, 400) for k in ("sharp", "even")}
+    positives = {"fgsm": {"sharp": rng.uniform(0.0001, 0.002, 200), "even": rng.uniform(0.001, 0.4, 200)},
+                 "deepfool": {"sharp": rng.uniform(0.001, 0.6, 200), "even": rng.uniform(0.001, 0.4, 200)}}
+
+    def auroc(member: str, attack: str) -> float:  # of one member's -log p: larger for positives
+        return roc_auc_score(np.r_[np.zeros(400), np.ones(200)], -np.log(np.r_[clean[member], positives[attack][member]]))
+
+    sharp, even = ([auroc(m, a) for a in positives] for m in ("sharp", "even"))
+    assert np.mean(sharp) > np.mean(even) and min(even) > min(sharp)
+    mean = choose_fusion(clean, positives, ["sharp", "even"], ["sharp"], max_members=1, criterion="mean")
+    worst = choose_fusion(clean, positives, ["sharp", "even"], ["sharp"], max_members=1)
+    assert mean.alternatives["min"] == pytest.approx(np.mean(sharp), abs=1e-4)  # the best single member
+    assert worst.alternatives["min"] == pytest.approx(min(even), abs=1e-4)
+    assert worst.alternatives["default"] == pytest.approx(min(sharp), abs=1e-4)
+    assert min(worst.auroc.values()) > min(even) and worst.weights is not None
+    assert "lowest within 0.01 of the best lowest" in worst.reason() and "lowest within" not in mean.reason()
+    with pytest.raises(InvalidInput, match="criterion must be one of"):
+        choose_fusion(clean, positives, ["sharp"], ["sharp"], criterion="median")
 
 
 def test_logistic_weights_favour_the_informative_member():
@@ -52,4 +78,6 @@ def test_calibration_records_the_chosen_rules(cnn_baseline):
     rules = {r.name: r for r in manifest.flags}
     assert rules["adversarial"].selection.startswith("tuning attacks fgsm, fgsm_foreground")
     assert "nonzero_pixels" not in rules["adversarial"].scores
-    assert rules["likely_misclassified"].selection  # chosen on held-out errors, or max-softmax alone when too few
+    # the digits calibration set has fewer than 5 errors in its reference split: the default pair
+    assert rules["likely_misclassified"].scores == ["max_softmax", "trust_score"]
+    assert "fewer than 5 misclassifications" in rules["likely_misclassified"].selection
