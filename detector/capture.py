@@ -101,9 +101,9 @@ class Capture:
         """A copy without the inputs and with only the activations ``keep``, plus per-input ``features``.
 
         What streaming keeps of a batch (:func:`detector.stream.reduced_capture`): the logits, the small tensors
-        the scorers read (channel means, dense layers) and the features scorers derived from the rest, the
-        squeezed copies' logits included (feature squeezing's score). The kept arrays are copied, so that they
-        hold no view of the batch's large outputs.
+        the scorers read (channel means, dense layers) and the features scorers derived from the rest (the
+        squeezed copies' logits are dropped too: feature squeezing keeps its score). The kept arrays are
+        copied, so that they hold no view of the batch's large outputs.
         """
         kept = set(keep)
         return Capture(inputs=None, logits=self.logits.copy(),

@@ -152,6 +152,7 @@ class OnnxClassifier:
             )
         self.n_classes = logits_shape[0]
         self._layers = self._list_layers()
+        self._shape_of = {layer.name: layer.shape for layer in self._layers}
         self._block_outputs: list[str] | None = None
         self.capture = list(capture) if capture is not None else self.default_capture()
         self.set_capture(self.capture, intra_op_threads=intra_op_threads)
@@ -225,11 +226,11 @@ class OnnxClassifier:
             ``key`` names no tensor, or the channel means of a tensor without a channel axis.
         """
         self._check_keys([key])
-        shapes = {layer.name: layer.shape for layer in self._layers}
+        shapes = self._shape_of
         return shapes[key] if key in shapes else shapes[mean_source(key)][:1]
 
     def _check_keys(self, keys: Sequence[str]) -> None:
-        shapes = {layer.name: layer.shape for layer in self._layers}
+        shapes = self._shape_of
         unknown = [k for k in keys if k not in shapes and mean_source(k) not in shapes]
         if unknown:
             raise InvalidInput(
@@ -261,7 +262,7 @@ class OnnxClassifier:
         graph = rewritten.graph
         present = {o.name for o in graph.output}
         opset = next((o.version for o in rewritten.opset_import if o.domain in ("", "ai.onnx")), 13)
-        shapes = {layer.name: layer.shape for layer in self._layers}
+        shapes = self._shape_of
         for name in self.capture:
             source = mean_source(name) if name not in shapes else None
             if source is not None:

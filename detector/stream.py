@@ -1,10 +1,10 @@
 """Streaming: run inputs through the classifier batch by batch and keep of each batch only what the scorers read.
 
 Calibration holds one *reduced* capture of all its inputs (:func:`reduced_capture`): per input, the logits,
-the squeezed copies' logits, the small captured tensors (channel means, dense layers) and the features the
-scorers derive from the large ones (:meth:`Scorer.reduce <detector.scorers.base.Scorer.reduce>`: the
-topology features of the edge-budget window, the lit-pixel count). The pixels and the whole conv maps of a
-batch are dropped before the next batch runs, so memory grows with the number of inputs only by those few
+the small captured tensors (channel means, dense layers) and the features the scorers derive from the
+large ones (:meth:`Scorer.reduce <detector.scorers.base.Scorer.reduce>`: the topology features of the
+edge-budget window, the lit-pixel count, the feature-squeezing score). The pixels, the whole conv maps and
+the squeezed copies' logits of a batch are dropped before the next batch runs, so memory grows with the number of inputs only by those few
 per-input numbers. Scorers then fit and score reduced captures as they would full ones.
 """
 
