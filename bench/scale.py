@@ -1,7 +1,8 @@
 """Cost of detection on real architectures: ``python bench/scale.py`` writes ``bench/results/scale.md``.
 
 For each architecture of :mod:`detector.offline.zoo` at full width, with random weights (BatchNorm
-statistics from a few random batches):
+statistics from a few random batches, the last linear layer centred on the inputs' features so that the
+predictions spread over the classes, :func:`_spread_head`):
 
 - parameters and the model's own ONNX Runtime time (one thread, batch 1, median);
 - topology features time per input (median, p99) for each induced-graph edge budget (the last stages of
@@ -64,6 +65,7 @@ def _export(name: str, size: int, path: Path) -> int:
         for _ in range(3):
             model(torch.rand(8, 3, size, size))
     model.eval()
+    _spread_head(model, torch.from_numpy(_mnist_images(size, 64).astype(np.float32) / 255))
     buf = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -72,6 +74,29 @@ def _export(name: str, size: int, path: Path) -> int:
                           dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     path.write_bytes(buf.getvalue())
     return sum(p.numel() for p in model.parameters())
+
+
+def _spread_head(model: "torch.nn.Module", x: "torch.Tensor") -> None:
+    """Redraw the last linear layer, centred and scaled on its input features for ``x``, so that a random network
+    spreads its predictions over many classes.
+
+    The features of a random ResNet-50 differ by 0.3 % between MNIST inputs, so its head predicts one class for
+    all of them; calibration needs labels of at least two classes (the trust score's references), and a real
+    classifier's inputs spread over its classes. Random weights still: w ~ N(0, 1) / (s sqrt(d)), b = -w mu,
+    with mu and s the mean and mean standard deviation of the d head inputs over ``x``.
+    """
+    import torch
+
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    with torch.no_grad():
+        model(x)
+        hook.remove()
+        f = seen[0].reshape(len(x), -1)
+        w = torch.randn_like(head.weight) / (f.std(dim=0).mean() * f.shape[1] ** 0.5)
+        head.weight.copy_(w)
+        head.bias.copy_(-(w @ f.mean(dim=0)))
 
 
 def _mnist_images(size: int, n: int) -> np.ndarray:
