@@ -314,7 +314,7 @@ def main() -> None:
             print(served[-1], flush=True)
         load.append(f"{os.getloadavg()[0]:.1f}")
     write_result(args.out, [
-        "# Detection cost on real architectures (`python bench/scale.py`)", "",
+        f"# Detection cost on real architectures (`python bench/scale.py{''.join(' ' + a for a in sys.argv[1:])}`)", "",
         "Random weights (BatchNorm statistics from random batches), full width; ONNX Runtime one thread, batch 1. "
         "Wall-clock on a shared 2-core machine: the 1-minute load average was " + ", ".join(load) +
         " at the start and after each model, so other jobs shared the cores and the figures are noisy.", "",
