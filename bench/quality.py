@@ -31,7 +31,8 @@ on every attack the fusion was not tuned on; >= 0.97 with TPR at 5 % FPR >= 0.80
 Run: ``make bench`` or ``.venv/bin/python bench/quality.py [digits_cnn] [lenet5]`` (default: both). Takes
 10-20 minutes on 2 cores, most of it in the CW attacks and the LeNet-5 induced-graph features. The MNIST-32
 models: ``.venv/bin/python bench/quality.py resnet18_32`` (or ``mobilenetv2_32``, ``vit_32``); each trains its
-model when ``build/models/<name>.onnx`` is missing (seed 0, under 5 minutes on one core).
+model when ``build/models/<name>.onnx`` is missing (seed 0; 0.5-6.5 minutes on the shared machine). The
+ResNet-18 run took 30 minutes on the shared 2-core machine, 25 of them in the two CW attacks.
 
 ``--adaptive`` runs, after the same calibration, the adaptive attacks of issue 18 instead
 (:mod:`detector.offline.adaptive_report`, defaults of its ``AdaptiveConfig``) and writes
