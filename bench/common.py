@@ -3,18 +3,22 @@
 - digits CNN: trained on ``digits:train`` (``build_demo_models``), calibrated on ``digits:calib``,
   evaluated on ``digits:test``;
 - LeNet-5: trained on MNIST test-set images [0, 6000) (``train_lenet5``), calibrated on [6000, 8000),
-  evaluated on [8000, 10000) (``mnist``: the t10k set in ``data/mnist``).
+  evaluated on [8000, 10000) (``mnist``: the t10k set in ``data/mnist``);
+- the MNIST-32 models (``MNIST32_MODELS``: narrow ResNet-18, MobileNetV2 and ViT of ``detector.offline.zoo``):
+  the same splits padded to 32x32 and repeated to 3 channels (``mnist32``).
 
 Models are built when missing, so any benchmark runs on a fresh clone.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -64,6 +68,60 @@ def lenet5() -> tuple[Path, Path]:
         splits = mnist_splits()
         train_lenet5(splits["train"], splits["eval"], MODELS)
     return MODELS / "lenet5.onnx", MODELS / "lenet5.pt"
+
+
+#: The MNIST-32 models of ``bench/quality.py``: name -> (architecture note, factory, epochs, learning rate).
+#: Narrow widths, so that training and the quality run of one model fit in ~20 minutes on one core.
+MNIST32_MODELS: dict[str, tuple[str, Callable[[], Any], int, float]] = {
+    "resnet18_32": ("CIFAR-style ResNet-18 at width 8 (stages 8-16-32-64 channels, 0.18M parameters)",
+                    lambda: _zoo().ResNet.resnet18(width=8), 3, 3e-3),
+    "mobilenetv2_32": ("MobileNetV2 at width 0.25 (0.16M parameters)", lambda: _zoo().MobileNetV2(width=0.25), 6, 3e-3),
+    "vit_32": ("ViT with 4x4 patches, dim 64, depth 4, 4 heads (0.21M parameters)",
+               lambda: _zoo().ViT(patch=4, dim=64, depth=4, heads=4), 15, 1e-3),
+}
+
+
+def _zoo() -> Any:
+    import detector.offline.zoo as zoo
+
+    return zoo
+
+
+def mnist32_splits() -> dict[str, Dataset]:
+    """``mnist_splits`` padded to 32x32 and repeated to 3 channels (``detector.offline.zoo.mnist32``)."""
+    zoo = _zoo()
+    return {k: zoo.mnist32(d) for k, d in mnist_splits().items()}
+
+
+def mnist32_model(name: str, seed: int = 0) -> tuple[Path, dict[str, Any]]:
+    """The ONNX file of the MNIST-32 model ``name`` (a key of ``MNIST32_MODELS``) and its training record
+    (``build/models/<name>.json``: architecture, epochs, lr, seed, parameters, test accuracy on the ``eval`` split,
+    seconds); trained on the ``train`` split with ``train_classifier`` when missing."""
+    onnx_path, record_path = MODELS / f"{name}.onnx", MODELS / f"{name}.json"
+    if not onnx_path.is_file() or not record_path.is_file():
+        import time
+
+        import torch
+
+        from detector.offline.demo_models import accuracy, export_onnx, train_classifier
+
+        note, factory, epochs, lr = MNIST32_MODELS[name]
+        torch.set_num_threads(1)
+        splits = mnist32_splits()
+        t0 = time.perf_counter()
+        model = train_classifier(factory(), splits["train"], epochs=epochs, seed=seed, lr=lr,
+                                 progress=lambda e, loss: print(f"{name} epoch {e}/{epochs}: loss {loss:.4f}",
+                                                                file=sys.stderr, flush=True))
+        seconds = time.perf_counter() - t0
+        acc = accuracy(model, splits["eval"])
+        MODELS.mkdir(parents=True, exist_ok=True)
+        export_onnx(model, splits["eval"].x, onnx_path)
+        record = {"name": name, "architecture": note, "epochs": epochs, "lr": lr, "seed": seed,
+                  "parameters": sum(p.numel() for p in model.parameters()), "test_accuracy": acc,
+                  "train_seconds": seconds}
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"{name}: test accuracy {acc:.4f} after {seconds:.0f} s -> {onnx_path}", file=sys.stderr, flush=True)
+    return onnx_path, json.loads(record_path.read_text())
 
 
 def start_server(model: Path, baseline: Path, **settings: str) -> tuple[subprocess.Popen, int, int, int]:

@@ -5,7 +5,12 @@ Runs the offline protocol an ML engineer runs (``advdetect calibrate`` then ``ad
 - ``digits_cnn``: the embedded digits CNN (``build/models/``, built if missing); calibrated on ``digits:calib``,
   evaluated on ``digits:test``;
 - ``lenet5``: LeNet-5 trained on the first 6,000 images of ``data/mnist`` (the same files and split
-  as ``bench/topology.py``); calibrated on images [6000:8000], evaluated on [8000:10000].
+  as ``bench/topology.py``); calibrated on images [6000:8000], evaluated on [8000:10000];
+- ``resnet18_32``, ``mobilenetv2_32``, ``vit_32`` (issue 16, run only when named): narrow versions of the
+  :mod:`detector.offline.zoo` architectures (ResNet-18 width 8, MobileNetV2 width 0.25, ViT dim 64 depth 4;
+  widths and epochs in ``common.MNIST32_MODELS``) trained on the same 6,000 images padded to 32x32 and
+  repeated to 3 channels (``mnist32``), calibrated and evaluated on the same splits, mapped the same way; the
+  first ``MAX_ATTACKED_32`` correctly classified evaluation inputs are attacked.
 
 Every attack of the suite runs with its defaults (eps 0.3 for the L-inf attacks, on MNIST too), from the
 Adversarial Robustness Toolbox on the ONNX model converted by onnx2torch; clean and adversarial images are
@@ -24,7 +29,10 @@ on every attack the fusion was not tuned on; >= 0.97 with TPR at 5 % FPR >= 0.80
 ``pgd_foreground``; on ``misclassified`` >= max-softmax's + 0.01.
 
 Run: ``make bench`` or ``.venv/bin/python bench/quality.py [digits_cnn] [lenet5]`` (default: both). Takes
-10-20 minutes on 2 cores, most of it in the CW attacks and the LeNet-5 induced-graph features.
+10-20 minutes on 2 cores, most of it in the CW attacks and the LeNet-5 induced-graph features. The MNIST-32
+models: ``.venv/bin/python bench/quality.py resnet18_32`` (or ``mobilenetv2_32``, ``vit_32``); each trains its
+model when ``build/models/<name>.onnx`` is missing (seed 0; 0.5-6.5 minutes on the shared machine). The
+ResNet-18 run took 30 minutes on the shared 2-core machine, 25 of them in the two CW attacks.
 
 ``--adaptive`` runs, after the same calibration, the adaptive attacks of issue 18 instead
 (:mod:`detector.offline.adaptive_report`, defaults of its ``AdaptiveConfig``) and writes
@@ -48,7 +56,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from common import N_TRAIN, RESULTS, ROOT, digits_cnn, lenet5, mnist_splits  # noqa: E402  (puts ROOT on sys.path)
+from common import MNIST32_MODELS, N_CALIB_END, N_TRAIN, RESULTS, ROOT, digits_cnn, lenet5, mnist32_model, mnist32_splits, mnist_splits  # noqa: E402  (puts ROOT on sys.path)
 
 from detector import Dataset, load_dataset  # noqa: E402
 from detector.calibration import CalibrationConfig, calibrate  # noqa: E402
@@ -60,6 +68,9 @@ STRICT_ATTACKS = ("cw_k10", "pgd_foreground")
 STRICT_AUROC = 0.97
 STRICT_TPR = 0.80
 MAX_ATTACKED = 500
+MAX_ATTACKED_32 = 200  # the MNIST-32 models: CW is slower on 3x32x32 inputs and deeper models
+DEFAULT_CASES = ("digits_cnn", "lenet5")
+CASES = (*DEFAULT_CASES, *MNIST32_MODELS)
 
 
 @dataclass(frozen=True)
@@ -91,6 +102,15 @@ def _cases(names: list[str]) -> list[Case]:
         cases.append(Case("lenet5", onnx_path, splits["calib"], splits["eval"],
                           f"trained on `mnist[:{N_TRAIN}]` (`train_lenet5`, seed 0, 8 epochs; "
                           "`data/mnist` is the MNIST t10k set)", MAX_ATTACKED))
+    for name in MNIST32_MODELS:
+        if name in names:
+            onnx_path, record = mnist32_model(name)
+            splits = mnist32_splits()
+            cases.append(Case(name, onnx_path, splits["calib"], splits["eval"],
+                              f"{record['architecture']}, trained on `mnist[:{N_TRAIN}]` padded to 32x32 and repeated to "
+                              f"3 channels (`mnist32`; `mnist32_model`, `train_classifier`, seed {record['seed']}, "
+                              f"{record['epochs']} epochs, Adam lr {record['lr']}); test accuracy "
+                              f"{record['test_accuracy']:.4f} on `mnist[{N_CALIB_END}:]`", MAX_ATTACKED_32))
     return cases
 
 
@@ -160,7 +180,8 @@ def _header(case: Case, manifest: Any, table: dict, attack_info: dict, seconds: 
     lines = [
         f"# Detection quality: {case.name}",
         "",
-        f"- Command: `.venv/bin/python bench/quality.py` (or `make bench`), "
+        f"- Command: `.venv/bin/python bench/quality.py{'' if case.name in DEFAULT_CASES else ' ' + case.name}`"
+        f"{' (or `make bench`)' if case.name in DEFAULT_CASES else ''}, "
         f"{_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
         f"- Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
         f"torch single-threaded for the attacks; wall time of this model {seconds / 60:.1f} min "
@@ -260,10 +281,10 @@ def run_adaptive(case: Case, config: CalibrationConfig) -> None:
 def main(argv: list[str]) -> None:
     adaptive = "--adaptive" in argv
     argv = [a for a in argv if a != "--adaptive"]
-    names = argv or ["digits_cnn", "lenet5"]
-    unknown = [n for n in names if n not in ("digits_cnn", "lenet5")]
+    names = argv or list(DEFAULT_CASES)
+    unknown = [n for n in names if n not in CASES]
     if unknown:
-        sys.exit(f"bench/quality.py: unknown model(s) {unknown}; choose digits_cnn and/or lenet5")
+        sys.exit(f"bench/quality.py: unknown model(s) {unknown}; choose among {', '.join(CASES)}")
     t0 = time.perf_counter()
     config = CalibrationConfig()
     for case in _cases(names):
