@@ -306,7 +306,7 @@ def ddn_attack(mirror: DetectorMirror, judge: Judge, x: np.ndarray, lam: float =
     restricts every step to the clean image's non-zero pixels (the digit). Success is "misclassified" for
     ``lam`` = 0 (the plain attack) and "misclassified and the mirrored statistic at most t_f" otherwise, so the
     adaptive attack searches for the smallest sphere on which it evades. The normalised step makes the search
-    insensitive to the scale of the detector term, whose gradients (up to 5x the margin's on LeNet-5) swamp
+    insensitive to the scale of the detector term, whose large gradients once it fires swamp
     Adam's moment estimates in :func:`cw_l2_attack`. Every iterate is rounded to 8-bit and judged.
 
     Returns
