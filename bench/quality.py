@@ -36,7 +36,8 @@ ResNet-18 run took 30 minutes on the shared 2-core machine, 25 of them in the tw
 
 ``--adaptive`` runs, after the same calibration, the adaptive attacks of issue 18 instead
 (:mod:`detector.offline.adaptive_report`, defaults of its ``AdaptiveConfig``) and writes
-``bench/results/adaptive-<model>.md``, ``.json`` and ``.png`` (77 minutes for LeNet-5 on a shared 2-core machine).
+``bench/results/adaptive-<model>.md``, ``.json`` and ``.png`` (77 minutes for LeNet-5 on a shared 2-core machine);
+``--inputs N`` attacks N inputs instead of 100.
 """
 
 from __future__ import annotations
@@ -265,22 +266,30 @@ def run_case(case: Case, config: CalibrationConfig) -> dict:
     return result.table
 
 
-def run_adaptive(case: Case, config: CalibrationConfig) -> None:
-    """``--adaptive``: the same calibration, then the adaptive attacks (issue 18) -> ``bench/results/adaptive-<model>.*``."""
-    from detector.offline.adaptive_report import adaptive_evaluate, write_adaptive
+def run_adaptive(case: Case, config: CalibrationConfig, inputs: int = 100) -> None:
+    """``--adaptive``: the same calibration, then the adaptive attacks (issue 18) on the first ``inputs`` correctly
+    classified inputs -> ``bench/results/adaptive-<model>.*``."""
+    from detector.offline.adaptive_report import AdaptiveConfig, adaptive_evaluate, write_adaptive
     from detector.pipeline import Detector
 
     baseline = WORK / f"adaptive-{case.name}" / "baseline"
     _say(f"{case.name}: calibrating on {case.calib.name} for the adaptive attacks")
     calibrate(case.onnx, case.calib, baseline, config)
-    table = adaptive_evaluate(Detector.load(case.onnx, baseline, intra_op_threads=1), case.evaluation, progress=_say)
+    table = adaptive_evaluate(Detector.load(case.onnx, baseline, intra_op_threads=1), case.evaluation,
+                              AdaptiveConfig(n_inputs=inputs), progress=_say)
+    option = "" if inputs == 100 else f" --inputs {inputs}"
     write_adaptive(table | {"model": case.name}, RESULTS, f"adaptive-{case.name}",
-                   command=f".venv/bin/python bench/quality.py --adaptive {case.name}")
+                   command=f".venv/bin/python bench/quality.py --adaptive{option} {case.name}")
 
 
 def main(argv: list[str]) -> None:
     adaptive = "--adaptive" in argv
     argv = [a for a in argv if a != "--adaptive"]
+    inputs = 100
+    if "--inputs" in argv:
+        at = argv.index("--inputs")
+        inputs = int(argv[at + 1])
+        argv = argv[:at] + argv[at + 2:]
     names = argv or list(DEFAULT_CASES)
     unknown = [n for n in names if n not in CASES]
     if unknown:
@@ -288,7 +297,7 @@ def main(argv: list[str]) -> None:
     t0 = time.perf_counter()
     config = CalibrationConfig()
     for case in _cases(names):
-        (run_adaptive if adaptive else run_case)(case, config)
+        run_adaptive(case, config, inputs) if adaptive else run_case(case, config)
     _say(f"total wall time {(time.perf_counter() - t0) / 60:.1f} min")
 
 

@@ -18,6 +18,8 @@ is run once per operating point. lambda = 0 is the plain attack that ignores the
   on T orthogonally to the gradient of m.
 - :func:`cw_l2_attack`: Carlini-Wagner L2, Adam in tanh space on ||x' - x||^2 + c L_f(x') (lambda = 0:
   the plain CW-L2 whose median L2 sets the L2 budgets).
+- :func:`ddn_attack`: Decoupled Direction and Norm (Rony et al. 2019), a minimum-L2 attack with normalised
+  steps on a sphere that shrinks after each success; adaptive when success also needs T <= t_f.
 - :func:`boundary_attack`: an unbounded-L2 attack from the other side: start at a clean image of another
   class that the detector does not flag (:func:`clean_starts`, the nearest such image; a standard
   boundary-attack initialisation), bisect the segment towards the input, then shrink the distance with
@@ -46,7 +48,7 @@ from detector.offline.attacks import round_to_grid
 from detector.offline.mirror import DetectorMirror
 from detector.pipeline import Detector
 
-__all__ = ["Budget", "Judge", "Record", "boundary_attack", "clean_starts", "cw_l2_attack", "pgd_attack",
+__all__ = ["Budget", "Judge", "Record", "boundary_attack", "clean_starts", "cw_l2_attack", "ddn_attack", "pgd_attack",
            "square_attack"]
 
 #: Safety margin s of the detector hinge: the attack aims 10 % under the threshold (module docstring).
@@ -184,14 +186,16 @@ def _orthogonal(g: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
 
 
 def _objective(mirror: DetectorMirror, xt: torch.Tensor, y: torch.Tensor, lam: float, threshold: float,
-               kappa: float, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """L_f per input (module docstring) and the detached "misclassified" mask of the mirror's logits."""
+               kappa: float, rule: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """L_f per input (module docstring), the detached "misclassified" mask of the mirror's logits, and the
+    detached mirrored statistic T (None when ``lam`` = 0: the plain attack never computes it)."""
     if lam == 0.0:
         logits, _ = mirror.classify(xt)
-        return _margin(logits, y, kappa), logits.detach().argmax(dim=1) != y
+        return _margin(logits, y, kappa), logits.detach().argmax(dim=1) != y, None
     out = mirror(xt, scores=list(mirror.rules[rule].scores))
-    detect = torch.relu(out.statistics[rule] / threshold - (1.0 - SLACK))
-    return _margin(out.logits, y, kappa) + lam * detect, out.logits.detach().argmax(dim=1) != y
+    statistic = out.statistics[rule]
+    detect = torch.relu(statistic / threshold - (1.0 - SLACK))
+    return _margin(out.logits, y, kappa) + lam * detect, out.logits.detach().argmax(dim=1) != y, statistic.detach()
 
 
 def _gradient(mirror: DetectorMirror, xt: torch.Tensor, y: torch.Tensor, lam: float, threshold: float, kappa: float,
@@ -288,6 +292,46 @@ def cw_l2_attack(mirror: DetectorMirror, judge: Judge, x: np.ndarray, lam: float
         loss.sum().backward()
         optimiser.step()
         judge(round_to_grid(((torch.tanh(w) + 1.0) / 2.0).detach().numpy()))
+    return judge.record
+
+
+def ddn_attack(mirror: DetectorMirror, judge: Judge, x: np.ndarray, lam: float = 0.0, fpr: float = 0.05,
+               steps: int = 100, gamma: float = 0.05, init_norm: float = 1.0, kappa: float = 0.0,
+               foreground: bool = False, rule: str = "adversarial") -> Record:
+    """Decoupled Direction and Norm (Rony et al. 2019), a minimum-L2 attack, on L_f through the mirror.
+
+    Each step moves delta by alpha_t (L2, pixel units; cosine-annealed from 1 to 0.01) along
+    -grad L_f / ||grad L_f||, then rescales it to the norm eps of the current sphere: eps shrinks by
+    (1 - ``gamma``) after an iterate that succeeds and grows by (1 + ``gamma``) otherwise; ``foreground``
+    restricts every step to the clean image's non-zero pixels (the digit). Success is "misclassified" for
+    ``lam`` = 0 (the plain attack) and "misclassified and the mirrored statistic at most t_f" otherwise, so the
+    adaptive attack searches for the smallest sphere on which it evades. The normalised step makes the search
+    insensitive to the scale of the detector term, whose large gradients once it fires swamp
+    Adam's moment estimates in :func:`cw_l2_attack`. Every iterate is rounded to 8-bit and judged.
+
+    Returns
+    -------
+    Record
+        ``judge.record`` after the attack.
+    """
+    x0 = torch.from_numpy(x)
+    y = torch.from_numpy(judge.y.astype(np.int64))
+    mask = torch.from_numpy(Budget("l2", np.inf, foreground).mask(x))
+    threshold = mirror.threshold(rule, fpr)
+    delta = torch.zeros_like(x0)
+    norm = torch.full((len(x),), float(init_norm))
+    for t in range(steps):
+        alpha = 0.01 + 0.99 * (1.0 + np.cos(np.pi * t / steps)) / 2.0
+        xt = torch.clamp(x0 + delta, 0.0, 1.0).requires_grad_(True)
+        objective, wrong, statistic = _objective(mirror, xt, y, lam, threshold, kappa, rule)
+        grad = torch.autograd.grad(objective.sum(), xt)[0] * mask
+        success = wrong if statistic is None else wrong & (statistic <= threshold)
+        unit = grad / _per_input(_flat(grad).norm(dim=1).clamp(min=1e-12), grad)
+        norm = torch.where(success, norm * (1.0 - gamma), norm * (1.0 + gamma))
+        step = delta - alpha * unit
+        delta = step * _per_input(norm / _flat(step).norm(dim=1).clamp(min=1e-12), step)
+        delta = (torch.clamp(x0 + delta, 0.0, 1.0) - x0).detach()
+        judge(round_to_grid((x0 + delta).numpy()))
     return judge.record
 
 

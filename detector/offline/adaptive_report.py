@@ -14,8 +14,9 @@ and an attack at budget b succeeds when some candidate within b did (so the figu
 - **Square** (score-based, real detector, ``queries`` per input) at ``whole_image_eps`` on the foreground:
   plain against staged;
 - **L2**, budgets ``l2_multiples`` times the median L2 of plain CW-L2 (kappa 0): plain = the closest
-  candidate of every plain attack; adaptive = the closest of every adaptive attack, adaptive CW-L2 per f
-  and the boundary attack from the nearest unflagged clean image of another class included;
+  candidate of every plain attack (plain DDN on the digit's pixels included); adaptive = the closest of every
+  adaptive attack: adaptive CW-L2 and DDN on the digit's pixels per f, and the boundary attack from the
+  nearest unflagged clean image of another class;
 - **each score alone** (its own conformal p-value >= f), on the adaptive candidates;
 - **clean accuracy kept**: correct and not flagged, on every clean input given.
 
@@ -41,8 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from detector.data import Dataset
 from detector.errors import InvalidInput
-from detector.offline.adaptive import (Budget, Judge, Record, boundary_attack, clean_starts, cw_l2_attack, pgd_attack,
-                                       square_attack)
+from detector.offline.adaptive import (Budget, Judge, Record, boundary_attack, clean_starts, cw_l2_attack, ddn_attack,
+                                       pgd_attack, square_attack)
 from detector.offline.attacks import round_to_grid
 from detector.pipeline import Detector
 
@@ -156,6 +157,10 @@ def adaptive_evaluate(detector: Detector, data: Dataset, config: AdaptiveConfig 
     timed("cw_plain", lambda: cw_l2_attack(mirror, plain_cw, x, steps=max(3 * config.steps, 100)))
     timed("cw_adaptive", lambda: [cw_l2_attack(mirror, aware_cw, x, lam=config.lambdas[-1], fpr=f, kappa=0.5,
                                                steps=max(3 * config.steps, 100)) for f in fprs])
+    plain_ddn, aware_ddn = judge("ddn_plain"), judge("ddn_adaptive")
+    timed("ddn_plain", lambda: ddn_attack(mirror, plain_ddn, x, steps=max(3 * config.steps, 100), foreground=True))
+    timed("ddn_adaptive", lambda: [ddn_attack(mirror, aware_ddn, x, lam=config.lambdas[0], fpr=f, foreground=True,
+                                              steps=max(3 * config.steps, 100)) for f in fprs])
     boundary = judge("boundary")
     starts = clean_starts(detector, x, y, x_all[pool], data.y[pool], fpr=top, rule=config.rule)
     timed("boundary", lambda: [boundary_attack(mirror, boundary, x, starts, fpr=f, lam=config.lambdas[-1],
@@ -239,7 +244,8 @@ def adaptive_markdown(table: dict, command: str = "") -> str:
         + ", ".join(f"{table['clean_unflagged'][f]:.3f} at {float(f):.0%} FPR" for f in fprs) + ".",
         f"- Every candidate is rounded to 8-bit and judged on the served detector; an input counts when some candidate "
         f"within the budget is misclassified (and not flagged). PGD {config['steps']} steps, lambda in "
-        f"{list(config['lambdas'])}, one run per FPR; CW {max(3 * config['steps'], 100)} steps; Square {config['queries']} "
+        f"{list(config['lambdas'])}, one run per FPR; CW and DDN (digit's pixels only) "
+        f"{max(3 * config['steps'], 100)} steps; Square {config['queries']} "
         f"queries. Median L2 of plain CW-L2 (kappa 0): {table['median_cw_l2']:.3f}. "
         f"Wall time {table['seconds']['total'] / 60:.0f} min.",
         "",

@@ -153,6 +153,28 @@ def test_cw_l2_finds_close_misclassified_8_bit_images(cnn_detector, cnn_mirror, 
     assert np.all(distance[np.isfinite(distance)] > 0)
 
 
+def test_ddn_on_the_digit_changes_only_its_pixels_and_the_adaptive_run_evades_more(cnn_detector, cnn_mirror, digits):
+    """Plain DDN misclassifies within the digit's pixels; the adaptive run (success = misclassified and under the
+    5 % threshold) evades on at least as many inputs at 5 % FPR."""
+    from detector.offline.adaptive import Judge, ddn_attack
+    from detector.offline.attacks import round_to_grid
+
+    x, y = digits
+    seen = []
+
+    class Recording(Judge):
+        def __call__(self, candidates, index=None):
+            seen.append(candidates)
+            return super().__call__(candidates, index)
+
+    plain = ddn_attack(cnn_mirror, Recording(cnn_detector, x, y), x, steps=40, foreground=True)
+    assert np.isfinite(plain.l2["misclassified"]).mean() >= 0.5
+    background = np.broadcast_to(x == 0, seen[0].shape)
+    assert all(np.all(c[background] == 0) and np.array_equal(c, round_to_grid(c)) for c in seen)
+    adaptive = ddn_attack(cnn_mirror, Judge(cnn_detector, x, y), x, lam=1.0, fpr=0.05, steps=40, foreground=True)
+    assert np.isfinite(adaptive.l2["fused@0.05"]).sum() >= np.isfinite(plain.l2["fused@0.05"]).sum()
+
+
 def test_the_boundary_attack_starts_unflagged_and_comes_closer(cnn_detector, cnn_mirror, digits, digits_split_arrays):
     from detector.offline.adaptive import Judge, boundary_attack, clean_starts
     from detector.offline.attacks import round_to_grid
