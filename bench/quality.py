@@ -42,6 +42,7 @@ ResNet-18 run took 30 minutes on the shared 2-core machine, 25 of them in the tw
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import math
@@ -57,7 +58,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from common import MNIST32_MODELS, N_CALIB_END, N_TRAIN, RESULTS, ROOT, digits_cnn, lenet5, mnist32_model, mnist32_splits, mnist_splits  # noqa: E402  (puts ROOT on sys.path)
+from common import (MNIST32_MODELS, N_CALIB_END, N_TRAIN, RESULTS, ROOT, digits_cnn, lenet5,  # noqa: E402  (puts ROOT on sys.path)
+                    mnist32_model, mnist32_splits, mnist_splits)
 
 from detector import Dataset, load_dataset  # noqa: E402
 from detector.calibration import CalibrationConfig, calibrate  # noqa: E402
@@ -103,15 +105,15 @@ def _cases(names: list[str]) -> list[Case]:
         cases.append(Case("lenet5", onnx_path, splits["calib"], splits["eval"],
                           f"trained on `mnist[:{N_TRAIN}]` (`train_lenet5`, seed 0, 8 epochs; "
                           "`data/mnist` is the MNIST t10k set)", MAX_ATTACKED))
-    for name in MNIST32_MODELS:
-        if name in names:
-            onnx_path, record = mnist32_model(name)
-            splits = mnist32_splits()
-            cases.append(Case(name, onnx_path, splits["calib"], splits["eval"],
-                              f"{record['architecture']}, trained on `mnist[:{N_TRAIN}]` padded to 32x32 and repeated to "
-                              f"3 channels (`mnist32`; `mnist32_model`, `train_classifier`, seed {record['seed']}, "
-                              f"{record['epochs']} epochs, Adam lr {record['lr']}); test accuracy "
-                              f"{record['test_accuracy']:.4f} on `mnist[{N_CALIB_END}:]`", MAX_ATTACKED_32))
+    wanted32 = [name for name in MNIST32_MODELS if name in names]
+    splits = mnist32_splits() if wanted32 else {}
+    for name in wanted32:
+        onnx_path, record = mnist32_model(name)
+        cases.append(Case(name, onnx_path, splits["calib"], splits["eval"],
+                          f"{record['architecture']}, trained on `mnist[:{N_TRAIN}]` padded to 32x32 and repeated to "
+                          f"3 channels (`mnist32`; `mnist32_model`, `train_classifier`, seed {record['seed']}, "
+                          f"{record['epochs']} epochs, Adam lr {record['lr']}); test accuracy "
+                          f"{record['test_accuracy']:.4f} on `mnist[{N_CALIB_END}:]`", MAX_ATTACKED_32))
     return cases
 
 
@@ -283,21 +285,19 @@ def run_adaptive(case: Case, config: CalibrationConfig, inputs: int = 100) -> No
 
 
 def main(argv: list[str]) -> None:
-    adaptive = "--adaptive" in argv
-    argv = [a for a in argv if a != "--adaptive"]
-    inputs = 100
-    if "--inputs" in argv:
-        at = argv.index("--inputs")
-        inputs = int(argv[at + 1])
-        argv = argv[:at] + argv[at + 2:]
-    names = argv or list(DEFAULT_CASES)
-    unknown = [n for n in names if n not in CASES]
+    parser = argparse.ArgumentParser(prog="bench/quality.py", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", metavar="MODEL",
+                        help=f"models to run, among {', '.join(CASES)} (default: {' '.join(DEFAULT_CASES)})")
+    parser.add_argument("--adaptive", action="store_true", help="the adaptive attacks of issue 18 instead")
+    parser.add_argument("--inputs", type=int, default=100, help="with --adaptive: inputs attacked (default 100)")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in CASES]
     if unknown:
-        sys.exit(f"bench/quality.py: unknown model(s) {unknown}; choose among {', '.join(CASES)}")
+        parser.error(f"unknown model(s) {unknown}; choose among {', '.join(CASES)}")
     t0 = time.perf_counter()
     config = CalibrationConfig()
-    for case in _cases(names):
-        run_adaptive(case, config, inputs) if adaptive else run_case(case, config)
+    for case in _cases(args.names or list(DEFAULT_CASES)):
+        run_adaptive(case, config, args.inputs) if args.adaptive else run_case(case, config)
     _say(f"total wall time {(time.perf_counter() - t0) / 60:.1f} min")
 
 
