@@ -126,18 +126,20 @@ class _LayerwiseScorer(Scorer):
 
 
 class _KNNReference(NamedTuple):
-    """A layer's normalised clean references (float32, the state) and their true labels, with what each query
-    needs of them computed once: the references in float64 and their squared norms."""
+    """A layer's normalised clean references (float32, the state) and their true labels, grouped by class once:
+    the rows of each class's references in float64 and their squared norms."""
 
     reference: np.ndarray
     labels: np.ndarray
-    reference64: np.ndarray
-    squared: np.ndarray
+    by_class: dict[int, tuple[np.ndarray, np.ndarray]]
 
     @classmethod
     def of(cls, reference: np.ndarray, labels: np.ndarray) -> "_KNNReference":
-        reference64 = reference.astype(np.float64)
-        return cls(reference, labels, reference64, (reference64 * reference64).sum(axis=1))
+        by_class = {}
+        for c in np.unique(labels):
+            r = reference[labels == c].astype(np.float64)
+            by_class[int(c)] = (r, (r * r).sum(axis=1))
+        return cls(reference, labels, by_class)
 
 
 class LayerwiseKNNScorer(_LayerwiseScorer):
@@ -152,6 +154,8 @@ class LayerwiseKNNScorer(_LayerwiseScorer):
         inputs per class in this project's calibration sets.
     layers, seed, min_class_count
         As in the base class: every captured layer by default.
+    chunk_size : int, default 1024
+        Query rows per matrix product (memory ~ chunk_size x one class's references, float64).
 
     Notes
     -----
@@ -162,12 +166,14 @@ class LayerwiseKNNScorer(_LayerwiseScorer):
     kind = "layerwise_knn"
     score_names = ("layerwise_knn",)
 
-    def __init__(self, k: int = 5, layers: Sequence[str] | None = None, seed: int = 0, min_class_count: int = 20):
+    def __init__(self, k: int = 5, layers: Sequence[str] | None = None, seed: int = 0, min_class_count: int = 20,
+                 chunk_size: int = 1024):
         super().__init__(layers=layers, seed=seed, min_class_count=min_class_count)
         self.k = k
+        self.chunk_size = chunk_size
 
     def _params(self) -> dict[str, Any]:
-        return {**super()._params(), "k": int(self.k)}
+        return {**super()._params(), "k": int(self.k), "chunk_size": int(self.chunk_size)}
 
     def _fit_layer(self, features: np.ndarray, labels: np.ndarray, n_classes: int) -> _KNNReference:
         if not isinstance(self.k, (int, np.integer)) or self.k < 1:
@@ -175,14 +181,21 @@ class LayerwiseKNNScorer(_LayerwiseScorer):
         return _KNNReference.of(KNNScorer._normalise(features).astype(np.float32), labels.astype(np.int64))
 
     def _statistic(self, model: _KNNReference, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
-        labels = model.labels
+        """Each input against its predicted class's references only, ``chunk_size`` queries at a time, so that
+        memory is bounded by chunk_size x (the largest class's references), whatever the number of inputs."""
         u = KNNScorer._normalise(features)
-        sq = (u * u).sum(axis=1, keepdims=True) + model.squared - 2.0 * (u @ model.reference64.T)
-        sq[labels[None, :] != classes[:, None]] = np.inf  # only the predicted class's references
-        counts = np.bincount(labels, minlength=int(classes.max(initial=0)) + 1)[classes]
-        kth = np.minimum(self.k, np.maximum(counts, 1)) - 1
-        d = np.partition(sq, np.unique(kth), axis=1)[np.arange(len(u)), kth]
-        return np.sqrt(np.maximum(np.where(np.isfinite(d), d, 4.0), 0.0))
+        out = np.full(len(u), 2.0)  # a class without references: the largest distance between unit vectors
+        for c in np.unique(classes):
+            if int(c) not in model.by_class:
+                continue
+            ref, ref_sq = model.by_class[int(c)]
+            kth = min(self.k, len(ref)) - 1
+            rows = np.flatnonzero(classes == c)
+            for start in range(0, len(rows), self.chunk_size):
+                q = u[rows[start:start + self.chunk_size]]
+                sq = (q * q).sum(axis=1, keepdims=True) + ref_sq - 2.0 * (q @ ref.T)
+                out[rows[start:start + self.chunk_size]] = np.sqrt(np.maximum(np.partition(sq, kth, axis=1)[:, kth], 0.0))
+        return out
 
     def _model_state(self, model: _KNNReference, prefix: str) -> dict[str, np.ndarray]:
         return {f"{prefix}reference": model.reference, f"{prefix}labels": model.labels}

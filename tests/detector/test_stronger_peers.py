@@ -15,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 from detector import Capture, InvalidInput, OnnxClassifier
 from detector.capture import softmax
 from detector.scorers import EnergyScorer, FeatureSqueezingScorer, LayerwiseKNNScorer, LayerwiseMahalanobisScorer
+from detector.scorers.peers import layer_features
 from detector.squeeze import bit_depth, default_squeezers, median_2x2, run_batches_with_squeezers, run_with_squeezers
 
 SQUEEZERS = ["bit_depth_2", "median_2x2"]
@@ -77,6 +78,22 @@ def test_feature_squeezing_is_the_largest_l1_distance(cnn):
         scorer.score(Capture(test.inputs, test.logits))
     with pytest.raises(InvalidInput, match="squeezers must be"):
         FeatureSqueezingScorer(["blur"]).fit(cnn["train"], cnn["y_train"])
+
+
+def test_layerwise_knn_statistic_is_the_kth_distance_within_the_predicted_class(cnn):
+    """Per-class, chunked computation against a brute-force k-th nearest distance over the whole reference set."""
+    scorer = LayerwiseKNNScorer(chunk_size=7).fit(cnn["train"], cnn["y_train"])
+    model, layer = scorer.models_[-1], scorer.layers_[-1]
+    features = layer_features(cnn["test"], layer)
+    classes = cnn["test"].predicted
+    classes = np.where(np.arange(len(classes)) % 10 == 0, 99, classes)  # a class without references
+    u = features / np.linalg.norm(features, axis=1, keepdims=True)
+    r = model.reference.astype(np.float64)
+    d = np.sqrt(np.maximum(((u[:, None, :] - r[None]) ** 2).sum(axis=2), 0))
+    want = np.array([np.sort(row[model.labels == c])[min(5, (model.labels == c).sum()) - 1]
+                     if (model.labels == c).any() else 2.0 for row, c in zip(d, classes)])
+    np.testing.assert_allclose(scorer._statistic(model, features, classes), want, atol=1e-9)
+    assert (want[classes == 99] == 2.0).all() and (want[classes != 99] < 2.0).all()
 
 
 # measured: k-NN 0.857, Mahalanobis above 0.9
