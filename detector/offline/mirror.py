@@ -281,10 +281,10 @@ def _feature_squeezing(scorer: Any, context: _MirrorContext) -> ScoreMirror:
     return run
 
 
-def _layerwise_knn_statistic(model: tuple[np.ndarray, np.ndarray], k: int) -> Callable[[torch.Tensor, np.ndarray], torch.Tensor]:
+def _layerwise_knn_statistic(model: Any, k: int) -> Callable[[torch.Tensor, np.ndarray], torch.Tensor]:
     """Distance of normalised features to their k-th nearest reference of the predicted class (its farthest when
     it has fewer than k; 2 when it has none), as :class:`~detector.scorers.layerwise.LayerwiseKNNScorer`."""
-    sq_distances, labels = _normalised_sq_distances(model[0]), model[1]
+    sq_distances, labels = _normalised_sq_distances(model.reference), model.labels
 
     def statistic(f: torch.Tensor, classes: np.ndarray) -> torch.Tensor:
         sq = sq_distances(f).masked_fill(torch.from_numpy(labels[None, :] != classes[:, None]), float("inf"))

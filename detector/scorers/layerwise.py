@@ -24,7 +24,7 @@ from detector.conformal import ConformalCalibrator, split_held_out
 from detector.errors import InvalidInput
 from detector.gaussian import ClassConditionalGaussian
 from detector.scorers.base import Scorer, ScorerContext
-from detector.scorers.peers import KNNScorer, _check_labels, layer_features
+from detector.scorers.peers import KNNScorer, _check_labels, float32_values, layer_features
 
 __all__ = ["LayerwiseKNNScorer", "LayerwiseMahalanobisScorer"]
 
@@ -126,10 +126,9 @@ class _LayerwiseScorer(Scorer):
 
 
 class _KNNReference(NamedTuple):
-    """A layer's normalised clean references (float32, the state) and their true labels, grouped by class once:
-    the rows of each class's references in float64 and their squared norms."""
+    """A layer's normalised clean references, grouped by true label once: for each class, its rows
+    (:func:`~detector.scorers.peers.float32_values`) and their squared norms; ``labels`` keeps their order."""
 
-    reference: np.ndarray
     labels: np.ndarray
     by_class: dict[int, tuple[np.ndarray, np.ndarray]]
 
@@ -137,9 +136,17 @@ class _KNNReference(NamedTuple):
     def of(cls, reference: np.ndarray, labels: np.ndarray) -> "_KNNReference":
         by_class = {}
         for c in np.unique(labels):
-            r = reference[labels == c].astype(np.float64)
+            r = float32_values(reference[labels == c])
             by_class[int(c)] = (r, (r * r).sum(axis=1))
-        return cls(reference, labels, by_class)
+        return cls(labels, by_class)
+
+    @property
+    def reference(self) -> np.ndarray:
+        """The references in their fitted order, ndarray (n_references, n_features) float32 (the state)."""
+        out = np.empty((len(self.labels), next(iter(self.by_class.values()))[0].shape[1]), np.float32)
+        for c, (r, _) in self.by_class.items():
+            out[self.labels == c] = r
+        return out
 
 
 class LayerwiseKNNScorer(_LayerwiseScorer):
@@ -178,7 +185,7 @@ class LayerwiseKNNScorer(_LayerwiseScorer):
     def _fit_layer(self, features: np.ndarray, labels: np.ndarray, n_classes: int) -> _KNNReference:
         if not isinstance(self.k, (int, np.integer)) or self.k < 1:
             raise InvalidInput(f"k must be a positive integer, got {self.k!r}")
-        return _KNNReference.of(KNNScorer._normalise(features).astype(np.float32), labels.astype(np.int64))
+        return _KNNReference.of(KNNScorer._normalise(features), labels.astype(np.int64))
 
     def _statistic(self, model: _KNNReference, features: np.ndarray, classes: np.ndarray) -> np.ndarray:
         """Each input against its predicted class's references only, ``chunk_size`` queries at a time, so that

@@ -42,6 +42,15 @@ def _check_labels(capture: Capture, labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64)
 
 
+def float32_values(reference: np.ndarray) -> np.ndarray:
+    """Reference features as scoring holds them: float64 arrays of float32-rounded values, one copy.
+
+    Distances are computed in float64, and the baseline stores the references as float32; rounding them to
+    float32 first makes a reloaded scorer score bit for bit as the fitted one, with no second copy in memory.
+    """
+    return np.asarray(reference, dtype=np.float32).astype(np.float64)
+
+
 def layer_features(capture: Capture, layer: str) -> np.ndarray:
     """Feature matrix of one captured tensor, ndarray of shape (n_samples, n_features), float64.
 
@@ -252,7 +261,8 @@ class KNNScorer(Scorer):
 
         ||u - r_i|| = sqrt(||u||^2 + 1 - 2 u . r_i),
 
-    computed by chunked matrix products and ``np.partition``. The references are stored as float32. Scoring
+    computed in float64 by chunked matrix products and ``np.partition``; the references are written as float32
+    (:func:`float32_values`). Scoring
     the reference inputs themselves finds each at distance 0, so score held-out data. Higher = more
     suspicious.
     """
@@ -291,10 +301,9 @@ class KNNScorer(Scorer):
         return self
 
     def _set_reference(self, reference: np.ndarray) -> None:
-        """Store the normalised references (float32, the state) and, once, what scoring derives from them."""
-        self.reference_ = np.asarray(reference, dtype=np.float32)
-        self._reference64 = self.reference_.astype(np.float64)
-        self._reference_sq = (self._reference64 * self._reference64).sum(axis=1)
+        """Store the normalised references and their squared norms (:func:`float32_values`)."""
+        self.reference_ = float32_values(reference)
+        self._reference_sq = (self.reference_ * self.reference_).sum(axis=1)
 
     def scores(self, capture: Capture) -> dict[str, np.ndarray]:
         """Distance to the k-th nearest reference, ndarray (n_samples,) in [0, 2]; higher = more suspicious."""
@@ -303,7 +312,7 @@ class KNNScorer(Scorer):
         if u.shape[1] != self.reference_.shape[1]:
             raise InvalidInput(f"layer {self.layer_!r} has {u.shape[1]} features, the scorer was fitted on "
                                f"{self.reference_.shape[1]}")
-        ref, ref_sq = self._reference64, self._reference_sq
+        ref, ref_sq = self.reference_, self._reference_sq
         out = np.empty(len(u))
         for start in range(0, len(u), self.chunk_size):
             q = u[start:start + self.chunk_size]
@@ -314,7 +323,7 @@ class KNNScorer(Scorer):
 
     def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         self._check_fitted("reference_")
-        return {"k": int(self.k), "layer": self.layer_, "chunk_size": int(self.chunk_size)}, {"reference": self.reference_}
+        return {"k": int(self.k), "layer": self.layer_, "chunk_size": int(self.chunk_size)}, {"reference": self.reference_.astype(np.float32)}
 
     @classmethod
     def from_state(cls, params: dict[str, Any], arrays: dict[str, np.ndarray],

@@ -14,7 +14,7 @@ import numpy as np
 from detector.capture import Capture
 from detector.errors import InvalidInput
 from detector.scorers.base import Scorer, ScorerContext
-from detector.scorers.peers import KNNScorer, _check_labels, _default_layer, layer_features
+from detector.scorers.peers import KNNScorer, _check_labels, _default_layer, float32_values, layer_features
 
 __all__ = ["TrustScoreScorer"]
 
@@ -81,12 +81,12 @@ class TrustScoreScorer(Scorer):
         return self
 
     def _set_reference(self, reference: np.ndarray, labels: np.ndarray, n_classes: int) -> None:
-        """Store the references (float32), their labels and class count (the state), and what scoring derives."""
-        self.reference_ = np.asarray(reference, dtype=np.float32)
+        """Store the references (:func:`~detector.scorers.peers.float32_values`), their labels and class count
+        (the state), and what scoring derives from them."""
+        self.reference_ = float32_values(reference)
         self.labels_ = np.asarray(labels, dtype=np.int64)
         self.n_classes_ = n_classes
-        self._reference64 = self.reference_.astype(np.float64)
-        self._reference_sq = (self._reference64 * self._reference64).sum(axis=1)
+        self._reference_sq = (self.reference_ * self.reference_).sum(axis=1)
         counts = np.bincount(self.labels_, minlength=n_classes)
         self._members = [np.flatnonzero(self.labels_ == c) for c in range(n_classes)]
         self._kth = np.minimum(self.k, np.maximum(counts, 1)) - 1
@@ -102,7 +102,7 @@ class TrustScoreScorer(Scorer):
         out = np.full((len(u), self.n_classes_), 4.0)
         for start in range(0, len(u), self.chunk_size):
             q = u[start:start + self.chunk_size]
-            sq = (q * q).sum(axis=1, keepdims=True) + self._reference_sq - 2.0 * (q @ self._reference64.T)
+            sq = (q * q).sum(axis=1, keepdims=True) + self._reference_sq - 2.0 * (q @ self.reference_.T)
             for c, members in enumerate(self._members):
                 if len(members):
                     out[start:start + len(q), c] = np.partition(sq[:, members], self._kth[c], axis=1)[:, self._kth[c]]
@@ -120,7 +120,7 @@ class TrustScoreScorer(Scorer):
     def get_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         self._check_fitted("reference_")
         return ({"k": int(self.k), "layer": self.layer_, "chunk_size": int(self.chunk_size)},
-                {"reference": self.reference_, "labels": self.labels_,
+                {"reference": self.reference_.astype(np.float32), "labels": self.labels_,
                  "n_classes": np.asarray(self.n_classes_, dtype=np.int64)})
 
     @classmethod
