@@ -69,7 +69,7 @@ from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScore
 from detector.scorers.topology import BettiDensityScorer, InducedPersistenceScorer
 from detector.scorers.trust import TrustScoreScorer
 from detector.squeeze import default_squeezers
-from detector.stream import reduced_capture
+from detector.stream import reduced_capture, score_in_chunks
 
 __all__ = ["ADVERSARIAL_CANDIDATES", "ADVERSARIAL_SCORES", "CalibrationConfig", "calibrate", "layer_readers",
            "MISCLASSIFICATION_CANDIDATES", "MISCLASSIFICATION_SCORES", "MIN_ERRORS", "TUNING_CRITERION"]
@@ -245,14 +245,14 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
         steps.update()
 
     steps.set_postfix_str("scoring held-out data")
-    ref_rows, thr_rows = split_held_out(held.predicted, fraction=0.5, seed=config.seed)
-    held_scores = {}
-    for scorer in scorers:
-        held_scores.update(scorer.scores(held))
+    classes = held.predicted
+    ref_rows, thr_rows = split_held_out(classes, fraction=0.5, seed=config.seed)
+    held_scores, fit_scores = score_in_chunks(scorers, held), score_in_chunks(scorers, fit)
+    write_map = _map_writer(scorers, config, hidden, fit, data.y[fit_idx], held, data.y[held_idx])
+    del fit, held  # from here on, memory holds the fitted scorers and the scores, not the captures
     steps.update()
 
     steps.set_postfix_str("conformal p-values and thresholds")
-    classes = held.predicted
     calibrators = {
         name: ConformalCalibrator(config.min_class_count).fit(s[ref_rows], classes[ref_rows], model.n_classes)
         for name, s in held_scores.items()
@@ -302,13 +302,9 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     )
     write_baseline(out, manifest, arrays, introspection_onnx)
     steps.set_postfix_str("writing the report")
-    fit_scores: dict[str, np.ndarray] = {}
-    for scorer in scorers:
-        fit_scores.update(scorer.scores(fit))
     thr_stats = {r.name: Fusion(r.fusion, r.weights).combine(np.stack([p_thr[n] for n in r.scores], axis=1)) for r in rules}
     write_report(Path(out), manifest, fit_scores, {k: v[thr_rows] for k, v in held_scores.items()}, thr_stats,
-                 population.reference_mean_, _map_writer(scorers, config, hidden, fit, data.y[fit_idx], held,
-                                                         data.y[held_idx]),
+                 population.reference_mean_, write_map,
                  [(key, model.capture_shape(key), who) for key, who in layer_readers(scorers, hidden).items()])
     steps.update()
     steps.close()
@@ -373,11 +369,13 @@ def _map_writer(scorers: list[Scorer], config: CalibrationConfig, hidden: list[s
     """Draws the activation-space map of the held-out inputs with a 2-D introspection model.
 
     The scoring model is reused when its latent space is 2-D; otherwise a 2-D one is fitted for the figure.
+    The held-out inputs are placed now, so that the writer keeps their 2-D positions, not the captures.
     """
     scorer = next(s for s in scorers if isinstance(s, IntrospectionScorer))
     if scorer.latent_dim != 2:
         scorer = IntrospectionScorer(latent_dim=2, hidden=config.introspection_hidden,
                                      estimator_hidden=config.introspection_hidden, layers=hidden,
                                      seed=config.seed).fit(fit, fit_labels)
-    return lambda path: plot_activation_map(scorer.transform(held), held_labels, held.predicted, scorer, path)
+    points, predicted = scorer.transform(held), held.predicted
+    return lambda path: plot_activation_map(points, held_labels, predicted, scorer, path)
 

@@ -5,7 +5,8 @@ the small captured tensors (channel means, dense layers) and the features the sc
 large ones (:meth:`Scorer.reduce <detector.scorers.base.Scorer.reduce>`: the topology features of the
 edge-budget window, the lit-pixel count, the feature-squeezing score). The pixels, the whole conv maps and
 the squeezed copies' logits of a batch are dropped before the next batch runs, so memory grows with the number of inputs only by those few
-per-input numbers. Scorers then fit and score reduced captures as they would full ones.
+per-input numbers. Scorers then fit and score reduced captures as they would full ones, scoring a chunk of
+inputs at a time (:func:`score_in_chunks`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from detector.model import OnnxClassifier
 from detector.scorers.base import Scorer
 from detector.squeeze import run_with_squeezers
 
-__all__ = ["reduced_capture"]
+__all__ = ["reduced_capture", "score_in_chunks"]
 
 
 def reduced_capture(model: OnnxClassifier, x: "np.ndarray | LazyImages | Rows", scorers: Sequence[Scorer],
@@ -57,3 +58,11 @@ def reduced_capture(model: OnnxClassifier, x: "np.ndarray | LazyImages | Rows", 
             features.update(scorer.reduce(capture))
         parts.append(capture.reduced(kept, features))
     return parts[0] if len(parts) == 1 else Capture.concatenate(parts)
+
+
+def score_in_chunks(scorers: Sequence[Scorer], capture: Capture, chunk_size: int = 1024) -> dict[str, np.ndarray]:
+    """Every score of every scorer for ``capture``, ``chunk_size`` inputs at a time, so that the scorers'
+    temporaries (float64 features, distance matrices) stay bounded whatever the number of inputs."""
+    parts = [{name: v for scorer in scorers for name, v in scorer.scores(capture.subset(slice(a, a + chunk_size))).items()}
+             for a in range(0, len(capture), chunk_size)]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}

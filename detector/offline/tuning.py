@@ -19,7 +19,7 @@ from detector.conformal import ConformalCalibrator
 from detector.data import Rows
 from detector.model import OnnxClassifier
 from detector.scorers.base import Scorer
-from detector.stream import reduced_capture
+from detector.stream import reduced_capture, score_in_chunks
 
 __all__ = ["tuning_p_values"]
 
@@ -66,7 +66,7 @@ def tuning_p_values(model_path: str | os.PathLike[str], model: OnnxClassifier, s
                 if not result.success.any():
                     continue
                 capture = reduced_capture(model, result.x_adv[result.success], scorers)
-                scores = {k: v for s in scorers for k, v in s.scores(capture).items()}
+                scores = score_in_chunks(scorers, capture)
                 parts[name].append({k: calibrators[k].p_values(v, capture.predicted) for k, v in scores.items()})
     finally:
         torch.set_num_threads(threads)
