@@ -119,10 +119,12 @@ class ServiceSettings(BaseSettings):
         queued at once instead of waiting ``audit_flush_interval_s`` for a batch to fill.
     population_window_size : int, default 256
         Inputs in the rolling window behind the population metrics.
-    flagged_scores_only : bool, default False
+    flagged_scores_only : bool, default True
         Compute only the scores some flag fuses (:meth:`detector.pipeline.Detector.load`): the same flags
         at less cost (feature squeezing's extra model runs only when a flag fuses it); responses, metrics
-        and audit records then carry those scores only.
+        and audit records then carry those scores only. False computes and returns every calibrated score
+        (for investigation): 2-4x the model's own time on ResNet, MobileNetV2 and ViT models, against
+        0.03-0.9x for the flagged scores (``bench/results/scale*.md``).
     log_level : {"DEBUG", "INFO", "WARNING", "ERROR"}, default "INFO"
     """
 
@@ -169,7 +171,7 @@ class ServiceSettings(BaseSettings):
     audit_sync: bool = False
 
     population_window_size: int = Field(256, ge=2)
-    flagged_scores_only: bool = False
+    flagged_scores_only: bool = True
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @classmethod
