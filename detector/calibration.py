@@ -69,7 +69,7 @@ from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScore
 from detector.scorers.topology import BettiDensityScorer, InducedPersistenceScorer
 from detector.scorers.trust import TrustScoreScorer
 from detector.squeeze import default_squeezers
-from detector.stream import reduced_capture, score_in_chunks
+from detector.stream import reduced_capture, release_freed_memory, score_in_chunks
 
 __all__ = ["ADVERSARIAL_CANDIDATES", "ADVERSARIAL_SCORES", "CalibrationConfig", "calibrate", "layer_readers",
            "MISCLASSIFICATION_CANDIDATES", "MISCLASSIFICATION_SCORES", "MIN_ERRORS", "TUNING_CRITERION"]
@@ -149,8 +149,9 @@ class CalibrationConfig(BaseModel):
     progress: bool = True
 
 
-def _data_hash(data: Dataset, batch_size: int = 256) -> str:
-    """SHA-256 of the images' float32 bytes then the labels' (read batch by batch)."""
+def _data_hash(data: Dataset, batch_size: int = 16) -> str:
+    """SHA-256 of the images' float32 bytes then the labels' (read batch by batch: 16 images of 3x224x224
+    are 9.6 MB of float32; the digest does not depend on the batch size)."""
     digest = hashlib.sha256()
     for start in range(0, len(data), batch_size):
         digest.update(np.ascontiguousarray(data.x[start:start + batch_size], dtype=np.float32).tobytes())
@@ -250,6 +251,7 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     held_scores, fit_scores = score_in_chunks(scorers, held), score_in_chunks(scorers, fit)
     write_map = _map_writer(scorers, config, hidden, fit, data.y[fit_idx], held, data.y[held_idx])
     del fit, held  # from here on, memory holds the fitted scorers and the scores, not the captures
+    release_freed_memory()
     steps.update()
 
     steps.set_postfix_str("conformal p-values and thresholds")

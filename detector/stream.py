@@ -11,6 +11,8 @@ inputs at a time (:func:`score_in_chunks`).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 from typing import Sequence
 
 import numpy as np
@@ -21,7 +23,7 @@ from detector.model import OnnxClassifier
 from detector.scorers.base import Scorer
 from detector.squeeze import run_with_squeezers
 
-__all__ = ["reduced_capture", "score_in_chunks"]
+__all__ = ["reduced_capture", "release_freed_memory", "score_in_chunks"]
 
 
 def reduced_capture(model: OnnxClassifier, x: "np.ndarray | LazyImages | Rows", scorers: Sequence[Scorer],
@@ -66,3 +68,17 @@ def score_in_chunks(scorers: Sequence[Scorer], capture: Capture, chunk_size: int
     parts = [{name: v for scorer in scorers for name, v in scorer.scores(capture.subset(slice(a, a + chunk_size))).items()}
              for a in range(0, len(capture), chunk_size)]
     return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's free pages back to the operating system (glibc ``malloc_trim(0)``; nothing elsewhere).
+
+    NumPy arrays of a few MB are carved from the heap; once freed they leave holes that still count in the
+    resident set, so a step that frees the captures would not lower the peak of the steps after it.
+    Calibration calls this once it has dropped the captures (ResNet-50, 5,000 inputs: 0.23 GiB stayed
+    resident after the held-out scoring, against 0.07 GiB for 1,000).
+    """
+    libc = ctypes.util.find_library("c")
+    trim = getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+    if trim is not None:
+        trim(0)
