@@ -138,7 +138,7 @@ def _calibrate_child(model: str, data_path: str, n: int, out: str) -> dict[str, 
     data = _lazy(Path(data_path), n)
     t0 = time.perf_counter()
     calibrate(model, data, out, CalibrationConfig(progress=False))
-    return {"calib_s": time.perf_counter() - t0, "rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    return {"calib_s": time.perf_counter() - t0, "rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB -> GiB
 
 
 def _serve_child(model: str, baseline: str, data_path: str, repeats: int) -> dict[str, object]:
@@ -287,7 +287,7 @@ def main() -> None:
             "| topology / ORT |", "|---|---|---|---|---|---|---|---|---|---|"]
     served = ["| model | ORT ms | scores | detect p50 ms | added p50 ms | added / ORT | stage medians ms | flags fuse |",
               "|---|---|---|---|---|---|---|---|"]
-    memory = ["| model | inputs | calibration s | peak RSS GB |", "|---|---|---|---|"]
+    memory = ["| model | inputs | calibration s | peak RSS GiB |", "|---|---|---|---|"]
     for name in args.archs.split(","):
         size = ARCHS[name]
         path = work / f"{name}.onnx"
@@ -302,7 +302,7 @@ def main() -> None:
         data = _write_data(work / f"{name}-data.npz", path, size, max(counts) + args.repeats + 3)
         for n in counts:
             r = _child("calibrate", str(path), str(data), str(n), str(work / f"{name}-baseline-{n}"))
-            memory.append(f"| {name} {size}x{size} | {n:,} | {r['calib_s']:.0f} | {r['rss_gb']:.2f} |")
+            memory.append(f"| {name} {size}x{size} | {n:,} | {r['calib_s']:.0f} | {r['rss_gib']:.2f} |")
             print(memory[-1], flush=True)
         r = _child("serve", str(path), str(work / f"{name}-baseline-{counts[0]}"), str(data), str(args.repeats))
         for mode in ("all", "flagged"):
