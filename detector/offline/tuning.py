@@ -1,9 +1,9 @@
 """Positives that calibration makes itself, to choose the fused statistic (never to report it).
 
 :func:`tuning_p_values` attacks clean calibration inputs with the attacks named in
-:attr:`detector.calibration.CalibrationConfig.tuning_attacks` (by default two attack families: high-confidence
-FGSM over the whole image and over the digit's pixels only, and minimum-perturbation DeepFool and the smallest
-foreground FGSM step that flips the class), keeps the examples still adversarial after rounding to 8-bit, and
+:attr:`detector.calibration.CalibrationConfig.tuning_attacks` (by default high-confidence FGSM over the whole
+image and over the digit's pixels only; minimum-perturbation DeepFool and the smallest foreground FGSM step that
+flips the class can be added), keeps the examples still adversarial after rounding to 8-bit, and
 returns their conformal p-values. Evaluations then report the detector on the other attack types (CW kappa=0
 and 10, PGD, Square), and mark the tuning attacks' rows in-sample.
 """
