@@ -24,7 +24,7 @@ from detector.conformal import ConformalCalibrator, split_held_out
 from detector.errors import InvalidInput
 from detector.gaussian import ClassConditionalGaussian
 from detector.scorers.base import Scorer, ScorerContext
-from detector.scorers.peers import KNNScorer, _check_labels, float32_values, layer_features
+from detector.scorers.peers import KNNScorer, _check_labels, float32_values, layer_features, sq_distances
 
 __all__ = ["LayerwiseKNNScorer", "LayerwiseMahalanobisScorer"]
 
@@ -200,7 +200,7 @@ class LayerwiseKNNScorer(_LayerwiseScorer):
             rows = np.flatnonzero(classes == c)
             for start in range(0, len(rows), self.chunk_size):
                 q = u[rows[start:start + self.chunk_size]]
-                sq = (q * q).sum(axis=1, keepdims=True) + ref_sq - 2.0 * (q @ ref.T)
+                sq = sq_distances(q, ref, ref_sq)
                 out[rows[start:start + self.chunk_size]] = np.sqrt(np.maximum(np.partition(sq, kth, axis=1)[:, kth], 0.0))
         return out
 

@@ -51,6 +51,15 @@ def float32_values(reference: np.ndarray) -> np.ndarray:
     return np.asarray(reference, dtype=np.float32).astype(np.float64)
 
 
+def sq_distances(queries: np.ndarray, reference: np.ndarray, reference_sq: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances ||q||^2 + ||r||^2 - 2 q . r, ndarray (n_queries, n_references), float64.
+
+    ``reference_sq`` holds the references' squared norms, computed once at fit time. Rounding can leave tiny
+    negative values for coincident points; callers clip before a square root.
+    """
+    return (queries * queries).sum(axis=1, keepdims=True) + reference_sq - 2.0 * (queries @ reference.T)
+
+
 def layer_features(capture: Capture, layer: str) -> np.ndarray:
     """Feature matrix of one captured tensor, ndarray of shape (n_samples, n_features), float64.
 
@@ -316,7 +325,7 @@ class KNNScorer(Scorer):
         out = np.empty(len(u))
         for start in range(0, len(u), self.chunk_size):
             q = u[start:start + self.chunk_size]
-            sq = (q * q).sum(axis=1, keepdims=True) + ref_sq - 2.0 * (q @ ref.T)
+            sq = sq_distances(q, ref, ref_sq)
             kth = np.partition(sq, self.k - 1, axis=1)[:, self.k - 1]
             out[start:start + len(q)] = np.sqrt(np.maximum(kth, 0.0))
         return {self.kind: out}

@@ -14,7 +14,7 @@ import numpy as np
 from detector.capture import Capture
 from detector.errors import InvalidInput
 from detector.scorers.base import Scorer, ScorerContext
-from detector.scorers.peers import KNNScorer, _check_labels, _default_layer, float32_values, layer_features
+from detector.scorers.peers import KNNScorer, _check_labels, _default_layer, float32_values, layer_features, sq_distances
 
 __all__ = ["TrustScoreScorer"]
 
@@ -102,7 +102,7 @@ class TrustScoreScorer(Scorer):
         out = np.full((len(u), self.n_classes_), 4.0)
         for start in range(0, len(u), self.chunk_size):
             q = u[start:start + self.chunk_size]
-            sq = (q * q).sum(axis=1, keepdims=True) + self._reference_sq - 2.0 * (q @ self.reference_.T)
+            sq = sq_distances(q, self.reference_, self._reference_sq)
             for c, members in enumerate(self._members):
                 if len(members):
                     out[start:start + len(q), c] = np.partition(sq[:, members], self._kth[c], axis=1)[:, self._kth[c]]
