@@ -7,8 +7,9 @@ The white-box attacks optimise, per input,
     L_f(x) = max(m(x), -kappa) + lambda * max(T(x) / t_f - (1 - s), 0),   m(x) = z_y(x) - max_{j != y} z_j(x),
 
 where z are the logits, y the true class, T the flag's fused statistic (``adversarial_score``) through the
-differentiable mirror and s = 0.1 a safety margin: once misclassified by kappa, and once T is 10 % under
-the threshold, a term stops pulling (the hinge form of Carlini & Wagner's detector attacks). Each attack
+differentiable mirror and s = 0.1 a safety margin (0 in :func:`ddn_attack`): once misclassified by kappa,
+and once T is 10 % under the threshold, a term stops pulling (the hinge form of Carlini & Wagner's detector
+attacks). Each attack
 is run once per operating point. lambda = 0 is the plain attack that ignores the detector.
 
 - :func:`pgd_attack`: projected gradient descent in an L-inf ball (sign steps; optionally only on the
@@ -186,15 +187,16 @@ def _orthogonal(g: torch.Tensor, against: torch.Tensor) -> torch.Tensor:
 
 
 def _objective(mirror: DetectorMirror, xt: torch.Tensor, y: torch.Tensor, lam: float, threshold: float,
-               kappa: float, rule: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """L_f per input (module docstring), the detached "misclassified" mask of the mirror's logits, and the
-    detached mirrored statistic T (None when ``lam`` = 0: the plain attack never computes it)."""
+               kappa: float, rule: str, slack: float = SLACK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """L_f per input (module docstring, with safety margin s = ``slack``), the detached "misclassified" mask of
+    the mirror's logits, and the detached mirrored statistic T (None when ``lam`` = 0: the plain attack never
+    computes it)."""
     if lam == 0.0:
         logits, _ = mirror.classify(xt)
         return _margin(logits, y, kappa), logits.detach().argmax(dim=1) != y, None
     out = mirror(xt, scores=list(mirror.rules[rule].scores))
     statistic = out.statistics[rule]
-    detect = torch.relu(statistic / threshold - (1.0 - SLACK))
+    detect = torch.relu(statistic / threshold - (1.0 - slack))
     return _margin(out.logits, y, kappa) + lam * detect, out.logits.detach().argmax(dim=1) != y, statistic.detach()
 
 
@@ -309,6 +311,12 @@ def ddn_attack(mirror: DetectorMirror, judge: Judge, x: np.ndarray, lam: float =
     insensitive to the scale of the detector term, whose large gradients once it fires swamp
     Adam's moment estimates in :func:`cw_l2_attack`. Every iterate is rounded to 8-bit and judged.
 
+    The detector term has no safety margin here (s = 0): it pulls only once T exceeds t_f, so the adaptive
+    search follows the plain one wherever the plain iterate is not flagged. The margin of the bounded attacks
+    keeps their last iterate under the threshold after rounding; this search judges every iterate, and with
+    the margin it turned away from plain iterates that would have evaded, ending farther than the plain
+    attack on some inputs at 1 % FPR (LeNet-5, 50 inputs: 1 input farther with s = 0.1, none with s = 0).
+
     Returns
     -------
     Record
@@ -323,7 +331,7 @@ def ddn_attack(mirror: DetectorMirror, judge: Judge, x: np.ndarray, lam: float =
     for t in range(steps):
         alpha = 0.01 + 0.99 * (1.0 + np.cos(np.pi * t / steps)) / 2.0
         xt = torch.clamp(x0 + delta, 0.0, 1.0).requires_grad_(True)
-        objective, wrong, statistic = _objective(mirror, xt, y, lam, threshold, kappa, rule)
+        objective, wrong, statistic = _objective(mirror, xt, y, lam, threshold, kappa, rule, slack=0.0)
         grad = torch.autograd.grad(objective.sum(), xt)[0] * mask
         success = wrong if statistic is None else wrong & (statistic <= threshold)
         unit = grad / _per_input(_flat(grad).norm(dim=1).clamp(min=1e-12), grad)
