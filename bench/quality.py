@@ -36,7 +36,7 @@ ResNet-18 run took 30 minutes on the shared 2-core machine, 25 of them in the tw
 
 ``--adaptive`` runs, after the same calibration, the adaptive attacks of issue 18 instead
 (:mod:`detector.offline.adaptive_report`, defaults of its ``AdaptiveConfig``) and writes
-``bench/results/adaptive-<model>.md``, ``.json`` and ``.png`` (77 minutes for LeNet-5 on a shared 2-core machine);
+``bench/results/adaptive-<model>.md``, ``.json`` and ``.png`` (34 minutes for LeNet-5 on a shared 2-core machine);
 ``--inputs N`` attacks N inputs instead of 100.
 """
 
