@@ -2,10 +2,11 @@
 
 Splits of the clean data (stratified by label, seeded):
 
-- **fit** (half): every scorer learns its clean reference;
-- **reference** (a quarter): its scores are the conformal references (class-conditional where a predicted
+- **fit** (half, at most ``max_fit_per_class`` inputs per class on average; :func:`fit_split`): every scorer
+  learns its clean reference, and the population monitor its clean windows;
+- **reference** (a quarter, or what is left beyond the fit cap, halved): its scores are the conformal references (class-conditional where a predicted
   class has at least ``min_class_count`` of them, global otherwise);
-- **threshold** (a quarter): its p-values, computed against the references, give the fused statistic of
+- **threshold** (the other half of the rest): its p-values, computed against the references, give the fused statistic of
   each flag on clean inputs; each flag's threshold is the conformal quantile for every target FPR.
 
 Flag rules, each chosen on calibration data only (:func:`detector.fusion_choice.choose_fusion`; the
@@ -42,7 +43,7 @@ import hashlib
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Callable
+from typing import Annotated
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -69,9 +70,9 @@ from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScore
 from detector.scorers.topology import BettiDensityScorer, InducedPersistenceScorer
 from detector.scorers.trust import TrustScoreScorer
 from detector.squeeze import default_squeezers
-from detector.stream import reduced_capture, release_freed_memory, score_in_chunks
+from detector.stream import reduced_capture, reduced_chunks, release_freed_memory, score_in_chunks
 
-__all__ = ["ADVERSARIAL_CANDIDATES", "ADVERSARIAL_SCORES", "CalibrationConfig", "calibrate", "layer_readers",
+__all__ = ["ADVERSARIAL_CANDIDATES", "ADVERSARIAL_SCORES", "CalibrationConfig", "calibrate", "fit_split", "layer_readers",
            "MISCLASSIFICATION_CANDIDATES", "MISCLASSIFICATION_SCORES", "MIN_ERRORS", "TUNING_CRITERION"]
 
 #: The ``adversarial`` flag's members without tuning attacks (``tuning_attacks=()``).
@@ -111,6 +112,11 @@ class CalibrationConfig(BaseModel):
         Seed of the splits and of every trained model: the same seed gives the same artifact.
     fit_fraction : float in (0, 1)
         Share of the clean data the scorers are fitted on; the rest is split in half (references, thresholds).
+    max_fit_per_class : int
+        The fit split holds at most ``max_fit_per_class * n_classes`` inputs (:func:`fit_split`); the
+        inputs beyond join the held-out data. What the scorers keep (their k-NN references, the VAE's
+        training set) is thus bounded by the number of classes, not the number of inputs, and so is
+        calibration's peak memory: the held-out inputs are captured and scored a chunk at a time.
     min_class_count : int
         Class-conditional conformal references need this many per predicted class.
     top_q : float in (0, 1]
@@ -139,6 +145,7 @@ class CalibrationConfig(BaseModel):
     fprs: tuple[Annotated[float, Field(gt=0, lt=1)], ...] = Field((0.01, 0.05), min_length=1)
     seed: int = 0
     fit_fraction: float = Field(0.5, gt=0, lt=1)
+    max_fit_per_class: int = Field(100, ge=1)
     min_class_count: int = Field(50, ge=1)
     top_q: float = Field(1.0, gt=0, le=1)
     max_edges: int = Field(DEFAULT_MAX_EDGES, ge=1)
@@ -167,6 +174,21 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return out
+
+
+def fit_split(labels: np.ndarray, config: CalibrationConfig, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The rows the scorers fit on and the held-out rows, sorted and disjoint, covering every input.
+
+    A stratified, seeded ``fit_fraction`` of ``labels`` (:func:`~detector.conformal.split_held_out`); when that
+    is more than ``max_fit_per_class * n_classes`` inputs, a stratified, seeded subsample of that size (up to
+    rounding per class) is kept and the rest of it joins the held-out rows.
+    """
+    fit_idx, held_idx = split_held_out(labels, fraction=config.fit_fraction, seed=config.seed)
+    cap = config.max_fit_per_class * n_classes
+    if len(fit_idx) > cap:
+        keep, rest = split_held_out(labels[fit_idx], fraction=cap / len(fit_idx), seed=config.seed)
+        fit_idx, held_idx = fit_idx[keep], np.sort(np.r_[held_idx, fit_idx[rest]])
+    return fit_idx, held_idx
 
 
 def build_scorers(model: OnnxClassifier, config: CalibrationConfig, squeezers: list[str]) -> list[Scorer]:
@@ -217,13 +239,16 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     if data.y.max() >= model.n_classes or data.y.min() < 0:
         raise DataError(f"labels must lie in [0, {model.n_classes}) for this {model.n_classes}-class model, "
                         f"got [{data.y.min()}, {data.y.max()}]")
-    fit_idx, held_idx = split_held_out(data.y, fraction=config.fit_fraction, seed=config.seed)
+    fit_idx, held_idx = fit_split(data.y, config, model.n_classes)
     needed = max(int(np.ceil((1 - min(config.fprs)) / min(config.fprs))), config.window_size)
     if len(held_idx) // 2 < needed:
         raise DataError(
             f"{len(data)} clean inputs are too few: thresholds at FPR {min(config.fprs)} need >= {needed} held-out "
             f"threshold inputs, i.e. about {int(np.ceil(needed * 2 / (1 - config.fit_fraction)))} inputs in all"
         )
+    if len(fit_idx) < config.window_size:
+        raise DataError(f"the fit split holds {len(fit_idx)} inputs, fewer than one population window of "
+                        f"{config.window_size}: raise max_fit_per_class (now {config.max_fit_per_class})")
     scorers = build_scorers(model, config, default_squeezers(model, Rows(data.x, fit_idx), data.y[fit_idx]))
     extra = [t for s in scorers for t in s.required_tensors()]
     model.set_capture(list(dict.fromkeys(hidden + extra)))
@@ -231,14 +256,11 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
 
     steps.set_postfix_str("capturing activations")
     # batch by batch, keeping per input only what the scorers and the population monitor read
-    capture = reduced_capture(model, data.x, scorers, keep=hidden)
+    fit = reduced_capture(model, Rows(data.x, fit_idx), scorers, keep=hidden)
     steps.update()
     steps.set_postfix_str("population Betti curves of clean windows")
     population = PopulationMonitor(window_size=config.window_size, seed=config.seed).fit(
-        {k: v for k, v in capture.activations.items() if k in hidden})
-    accuracy = float(np.mean(capture.predicted == data.y))  # on the whole clean calibration data
-    fit, held = capture.subset(fit_idx), capture.subset(held_idx)
-    del capture  # the two splits hold every input
+        {k: v for k, v in fit.activations.items() if k in hidden})
     steps.update()
     for scorer in scorers:
         steps.set_postfix_str(f"fitting {scorer.kind}")
@@ -246,12 +268,18 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
         steps.update()
 
     steps.set_postfix_str("scoring held-out data")
-    classes = held.predicted
-    ref_rows, thr_rows = split_held_out(classes, fraction=0.5, seed=config.seed)
-    held_scores, fit_scores = score_in_chunks(scorers, held), score_in_chunks(scorers, fit)
-    write_map = _map_writer(scorers, config, hidden, fit, data.y[fit_idx], held, data.y[held_idx])
-    del fit, held  # from here on, memory holds the fitted scorers and the scores, not the captures
+    fit_scores, fit_predicted = score_in_chunks(scorers, fit), fit.predicted
+    map_model = _map_model(scorers, config, hidden, fit, data.y[fit_idx])
+    del fit  # from here on, memory holds the fitted scorers and the scores, not the captures
     release_freed_memory()
+    held_parts = [(score_in_chunks(scorers, chunk), chunk.predicted, map_model.transform(chunk))
+                  for chunk in reduced_chunks(model, Rows(data.x, held_idx), scorers)]
+    held_scores = {name: np.concatenate([scores[name] for scores, _, _ in held_parts]) for name in fit_scores}
+    classes = np.concatenate([predicted for _, predicted, _ in held_parts])
+    points = np.concatenate([z for _, _, z in held_parts])
+    del held_parts
+    accuracy = float(np.mean(np.r_[fit_predicted == data.y[fit_idx], classes == data.y[held_idx]]))
+    ref_rows, thr_rows = split_held_out(classes, fraction=0.5, seed=config.seed)
     steps.update()
 
     steps.set_postfix_str("conformal p-values and thresholds")
@@ -306,7 +334,8 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     steps.set_postfix_str("writing the report")
     thr_stats = {r.name: Fusion(r.fusion, r.weights).combine(np.stack([p_thr[n] for n in r.scores], axis=1)) for r in rules}
     write_report(Path(out), manifest, fit_scores, {k: v[thr_rows] for k, v in held_scores.items()}, thr_stats,
-                 population.reference_mean_, write_map,
+                 population.reference_mean_,
+                 lambda path: plot_activation_map(points, data.y[held_idx], classes, map_model, path),
                  [(key, model.capture_shape(key), who) for key, who in layer_readers(scorers, hidden).items()])
     steps.update()
     steps.close()
@@ -366,18 +395,13 @@ def _rule(choice: FusionChoice, positives: str) -> dict:
             "selection": f"{positives}: {choice.reason()}"}
 
 
-def _map_writer(scorers: list[Scorer], config: CalibrationConfig, hidden: list[str], fit: Capture,
-                fit_labels: np.ndarray, held: Capture, held_labels: np.ndarray) -> Callable[[Path], None]:
-    """Draws the activation-space map of the held-out inputs with a 2-D introspection model.
-
-    The scoring model is reused when its latent space is 2-D; otherwise a 2-D one is fitted for the figure.
-    The held-out inputs are placed now, so that the writer keeps their 2-D positions, not the captures.
-    """
+def _map_model(scorers: list[Scorer], config: CalibrationConfig, hidden: list[str], fit: Capture,
+               fit_labels: np.ndarray) -> IntrospectionScorer:
+    """The 2-D introspection model of the activation-space map: the scoring model when its latent space is
+    2-D, otherwise one fitted on ``fit`` for the figure."""
     scorer = next(s for s in scorers if isinstance(s, IntrospectionScorer))
-    if scorer.latent_dim != 2:
-        scorer = IntrospectionScorer(latent_dim=2, hidden=config.introspection_hidden,
-                                     estimator_hidden=config.introspection_hidden, layers=hidden,
-                                     seed=config.seed).fit(fit, fit_labels)
-    points, predicted = scorer.transform(held), held.predicted
-    return lambda path: plot_activation_map(points, held_labels, predicted, scorer, path)
-
+    if scorer.latent_dim == 2:
+        return scorer
+    return IntrospectionScorer(latent_dim=2, hidden=config.introspection_hidden,
+                               estimator_hidden=config.introspection_hidden, layers=hidden,
+                               seed=config.seed).fit(fit, fit_labels)

@@ -115,7 +115,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         "tuning_attacks": () if args.tuning_attacks == ["none"] else tuple(args.tuning_attacks)}
     try:
         config = CalibrationConfig(layers=args.layers, fprs=args.fpr, seed=args.seed, top_q=args.top_q,
-                                   max_edges=args.max_edges, latent_dim=args.latent_dim, progress=not args.quiet,
+                                   max_edges=args.max_edges, latent_dim=args.latent_dim,
+                                   max_fit_per_class=args.max_fit_per_class, progress=not args.quiet,
                                    **tuning)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
@@ -283,6 +284,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-edges", type=int, default=DEFAULT_MAX_EDGES,
                    help=f"induced-graph edge budget: the last stages that fit it (default {DEFAULT_MAX_EDGES:,})")
     p.add_argument("--latent-dim", type=int, default=8, help="introspection VAE latent size (default 8)")
+    p.add_argument("--max-fit-per-class", type=int, default=100,
+                   help="the scorers fit on at most this many inputs per class on average; the rest are held out "
+                        "(default 100; bounds calibration memory)")
     p.add_argument("--tuning-attacks", type=_names, default=None,
                    help="attacks made on calibration data to choose the adversarial fusion (default "
                         "fgsm,fgsm_foreground: CalibrationConfig's; add deepfool,fgsm_minimal_foreground for "

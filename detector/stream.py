@@ -1,19 +1,20 @@
 """Streaming: run inputs through the classifier batch by batch and keep of each batch only what the scorers read.
 
-Calibration holds one *reduced* capture of all its inputs (:func:`reduced_capture`): per input, the logits,
+Calibration holds one *reduced* capture of its fit split (:func:`reduced_capture`): per input, the logits,
 the small captured tensors (channel means, dense layers) and the features the scorers derive from the
 large ones (:meth:`Scorer.reduce <detector.scorers.base.Scorer.reduce>`: the topology features of the
 edge-budget window, the lit-pixel count, the feature-squeezing score). The pixels, the whole conv maps and
 the squeezed copies' logits of a batch are dropped before the next batch runs, so memory grows with the number of inputs only by those few
 per-input numbers. Scorers then fit and score reduced captures as they would full ones, scoring a chunk of
-inputs at a time (:func:`score_in_chunks`).
+inputs at a time (:func:`score_in_chunks`). The held-out inputs are captured a chunk at a time
+(:func:`reduced_chunks`) and only their scores kept.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from detector.model import OnnxClassifier
 from detector.scorers.base import Scorer
 from detector.squeeze import run_with_squeezers
 
-__all__ = ["reduced_capture", "release_freed_memory", "score_in_chunks"]
+__all__ = ["reduced_capture", "reduced_chunks", "release_freed_memory", "score_in_chunks"]
 
 
 def reduced_capture(model: OnnxClassifier, x: "np.ndarray | LazyImages | Rows", scorers: Sequence[Scorer],
@@ -60,6 +61,14 @@ def reduced_capture(model: OnnxClassifier, x: "np.ndarray | LazyImages | Rows", 
             features.update(scorer.reduce(capture))
         parts.append(capture.reduced(kept, features))
     return parts[0] if len(parts) == 1 else Capture.concatenate(parts)
+
+
+def reduced_chunks(model: OnnxClassifier, x: Rows, scorers: Sequence[Scorer],
+                   chunk_size: int = 1024) -> Iterator[Capture]:
+    """The reduced captures (:func:`reduced_capture`) of ``x[0:chunk_size]``, ``x[chunk_size:2 * chunk_size]``,
+    ..., one at a time, so that a caller keeping only their scores holds one chunk of inputs."""
+    for start in range(0, len(x), chunk_size):
+        yield reduced_capture(model, x.select(slice(start, start + chunk_size)), scorers)
 
 
 def score_in_chunks(scorers: Sequence[Scorer], capture: Capture, chunk_size: int = 1024) -> dict[str, np.ndarray]:

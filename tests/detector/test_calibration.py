@@ -12,7 +12,8 @@ import pytest
 
 from detector import BaselineError, load_dataset
 from detector.baseline import read_baseline
-from detector.calibration import ADVERSARIAL_SCORES, CalibrationConfig, calibrate
+from detector.calibration import ADVERSARIAL_SCORES, CalibrationConfig, calibrate, fit_split
+from detector.conformal import split_held_out
 from detector.cli import main
 from detector.pipeline import Detector
 
@@ -217,3 +218,35 @@ def test_cli_calibrate_without_tuning_attacks_keeps_the_default_fusion(demo_mode
     assert rule.scores == list(ADVERSARIAL_SCORES) and rule.fusion == "fisher" and rule.weights is None
     assert rule.selection == "default members (no tuning attacks)"
     assert "flag adversarial: fisher over induced_persistence" in capsys.readouterr().out
+
+
+def test_the_fit_split_is_capped_per_class_and_the_rest_is_held_out():
+    labels = load_dataset("digits:calib").y
+    uncapped = split_held_out(labels, fraction=0.5, seed=0)
+    for got, want in zip(fit_split(labels, CalibrationConfig(), 10), uncapped):  # 270 < 100 x 10: unchanged
+        np.testing.assert_array_equal(got, want)
+    fit, held = fit_split(labels, CalibrationConfig(max_fit_per_class=10), 10)
+    assert 95 <= len(fit) <= 105  # 10 per class on average, rounded per class
+    assert np.isin(fit, uncapped[0]).all()  # the cap moves fit inputs to the held-out rows, nothing else
+    np.testing.assert_array_equal(np.sort(np.r_[fit, held]), np.arange(len(labels)))
+    share = np.bincount(labels[fit], minlength=10) / np.bincount(labels[uncapped[0]], minlength=10)
+    assert share.min() > 0.3 and share.max() < 0.45  # stratified: about 100/270 of each class
+
+
+def test_cli_calibrate_with_a_fit_cap_fits_on_fewer_inputs_and_still_flags_noise(demo_models, tmp_path, capsys):
+    assert main(["calibrate", "--model", str(demo_models / "digits_cnn.onnx"), "--data", "digits:calib",
+                 "--out", str(tmp_path / "b"), "--tuning-attacks", "none", "--max-fit-per-class", "15",
+                 "--quiet"]) == 0
+    manifest = read_baseline(tmp_path / "b")[0]
+    assert 145 <= manifest.data.n_fit <= 155 and manifest.data.n_reference + manifest.data.n_threshold == 539 - manifest.data.n_fit
+    assert f"fit {manifest.data.n_fit}," in capsys.readouterr().out
+    assert main(["calibrate", "--model", str(demo_models / "digits_cnn.onnx"), "--data", "digits:calib",
+                 "--out", str(tmp_path / "c"), "--max-fit-per-class", "10", "--quiet"]) == 2
+    assert "fewer than one population window of 128: raise max_fit_per_class (now 10)" in capsys.readouterr().err
+    det = Detector.load(demo_models / "digits_cnn.onnx", tmp_path / "b")
+    test = load_dataset("digits:test")
+    noisy_x = np.clip(test.x + np.random.default_rng(0).normal(0, 0.3, test.x.shape), 0, 1).astype(np.float32)
+    rate = {name: np.mean(["adversarial" in d.flags for d in det.detect(x, fpr=0.05).detections])
+            for name, x in (("clean", test.x), ("noise", noisy_x))}
+    # as test_clean_inputs_pass_and_noise_is_flagged, with a fit split of 150 inputs instead of 270
+    assert rate["clean"] <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / len(test)) and rate["noise"] > 0.5, rate
