@@ -90,6 +90,10 @@ class ConformalCalibrator:
         references the smallest conformal p-value is 1/(n+1), so 50 per class allows p down to ~0.02.
     tail : bool, default True
         Extrapolate beyond the largest reference with an exponential tail (below).
+    by_class : bool, default True
+        False: every class uses the global references, for a score that already compares an input with its
+        predicted class (the trust score). Only :meth:`fit` reads it; a fitted calibrator's ``conditional_``
+        says which classes have references of their own.
 
     Notes
     -----
@@ -118,9 +122,10 @@ class ConformalCalibrator:
     holds to the accuracy of the tail model below it (tested on clean digits for a = 1/(2(|R|+1))).
     """
 
-    def __init__(self, min_class_count: int = 50, tail: bool = True):
+    def __init__(self, min_class_count: int = 50, tail: bool = True, by_class: bool = True):
         self.min_class_count = min_class_count
         self.tail = tail
+        self.by_class = by_class
 
     def fit(self, scores: np.ndarray, classes: np.ndarray, n_classes: int) -> "ConformalCalibrator":
         """Store the sorted clean held-out ``scores`` (n,) globally and per class of ``classes`` (n,). Returns self."""
@@ -134,7 +139,7 @@ class ConformalCalibrator:
         c = _as_classes(classes, len(s), n_classes)
         self.global_ = np.sort(s)
         counts = np.bincount(c, minlength=n_classes)
-        self.conditional_ = counts >= self.min_class_count
+        self.conditional_ = (counts >= self.min_class_count) & bool(self.by_class)
         keep = self.conditional_[c]
         order = np.lexsort((s[keep], c[keep]))  # by class, then by score
         self.class_values_ = s[keep][order]

@@ -250,3 +250,11 @@ def test_cli_calibrate_with_a_fit_cap_fits_on_fewer_inputs_and_still_flags_noise
             for name, x in (("clean", test.x), ("noise", noisy_x))}
     # as test_clean_inputs_pass_and_noise_is_flagged, with a fit split of 150 inputs instead of 270
     assert rate["clean"] <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / len(test)) and rate["noise"] > 0.5, rate
+
+
+def test_the_trust_score_is_ranked_against_every_class_the_others_within_theirs(demo_models, tmp_path):
+    calibrate(demo_models / "digits_cnn.onnx", load_dataset("digits:calib"), tmp_path,
+              CalibrationConfig(min_class_count=5, tuning_attacks=(), progress=False))  # ~13 references per class
+    arrays = read_baseline(tmp_path)[1]
+    assert arrays["conformal/max_softmax/conditional"].all()
+    assert not arrays["conformal/trust_score/conditional"].any()  # GLOBAL_P_VALUES

@@ -92,9 +92,10 @@ def test_class_conditional_and_global_paths_match_brute_force(scored):
         rows = c == k
         own = ref[cls == k] if cal.conditional_[k] else ref
         np.testing.assert_allclose(p[rows], _brute_p(s[rows], own), rtol=1e-15)
-    everyone = ConformalCalibrator(min_class_count=len(ref) + 1, tail=False).fit(ref, cls, N_CLASSES)
-    assert not everyone.conditional_.any()
-    np.testing.assert_allclose(everyone.p_values(s, c), _brute_p(s, ref), rtol=1e-15)
+    for everyone in (ConformalCalibrator(min_class_count=len(ref) + 1, tail=False).fit(ref, cls, N_CLASSES),
+                     ConformalCalibrator(min_class_count=1, tail=False, by_class=False).fit(ref, cls, N_CLASSES)):
+        assert not everyone.conditional_.any()
+        np.testing.assert_allclose(everyone.p_values(s, c), _brute_p(s, ref), rtol=1e-15)
 
 
 # -- p-values: validity on real clean data ---------------------------------------------------------------
