@@ -66,7 +66,7 @@ from detector.calibration import CalibrationConfig, calibrate  # noqa: E402
 
 WORK = ROOT / "build" / "bench"
 PEERS = ("max_softmax", "energy", "mahalanobis", "knn", "feature_squeezing", "layerwise_knn", "layerwise_mahalanobis",
-         "trust_score")
+         "trust_score", "patch_pca")
 STRICT_ATTACKS = ("cw_k10", "pgd_foreground")
 STRICT_AUROC = 0.97
 STRICT_TPR = 0.80

@@ -2,12 +2,14 @@
 
 Splits of the clean data (stratified by label, seeded):
 
-- **fit** (half, at most ``max_fit_per_class`` inputs per class on average; :func:`fit_split`): every scorer
-  learns its clean reference, and the population monitor its clean windows;
-- **reference** (a quarter, or what is left beyond the fit cap, halved): its scores are the conformal references (class-conditional where a predicted
-  class has at least ``min_class_count`` of them, global otherwise);
-- **threshold** (the other half of the rest): its p-values, computed against the references, give the fused statistic of
-  each flag on clean inputs; each flag's threshold is the conformal quantile for every target FPR.
+- **fit** (half, at most ``max_fit_per_class`` inputs per class on average; :func:`fit_split`): every
+  scorer learns its clean reference, and the population monitor its clean windows;
+- **reference** (half of the rest, a quarter without the cap): its scores are the conformal references
+  (class-conditional where a predicted class has at least ``min_class_count`` of them, global otherwise;
+  always global for :data:`GLOBAL_P_VALUES`);
+- **threshold** (the other half of the rest): its p-values, computed against the references, give the
+  fused statistic of each flag on clean inputs; each flag's threshold is the conformal quantile for every
+  target FPR.
 
 Flag rules, each chosen on calibration data only (:func:`detector.fusion_choice.choose_fusion`; the
 manifest's ``selection`` records the choice and why), on the **reference** split, never on the threshold
@@ -67,20 +69,22 @@ from detector.scorers.base import Scorer
 from detector.scorers.layerwise import LayerwiseKNNScorer, LayerwiseMahalanobisScorer
 from detector.scorers.output import EnergyScorer, FeatureSqueezingScorer
 from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScorer, NonzeroPixelsScorer
+from detector.scorers.pixels import PatchPCAScorer
 from detector.scorers.topology import BettiDensityScorer, InducedPersistenceScorer
 from detector.scorers.trust import TrustScoreScorer
 from detector.squeeze import default_squeezers
 from detector.stream import reduced_capture, reduced_chunks, release_freed_memory, score_in_chunks
 
 __all__ = ["ADVERSARIAL_CANDIDATES", "ADVERSARIAL_SCORES", "CalibrationConfig", "calibrate", "fit_split",
-           "GLOBAL_P_VALUES", "layer_readers", "MISCLASSIFICATION_CANDIDATES", "MISCLASSIFICATION_SCORES", "MIN_ERRORS", "TUNING_CRITERION"]
+           "GLOBAL_P_VALUES", "layer_readers", "MISCLASSIFICATION_CANDIDATES", "MISCLASSIFICATION_SCORES",
+           "MIN_ERRORS", "TUNING_CRITERION"]
 
 #: The ``adversarial`` flag's members without tuning attacks (``tuning_attacks=()``).
 ADVERSARIAL_SCORES = ("induced_persistence", "betti_density", "introspection_reconstruction", "max_softmax")
 #: Scores the ``adversarial`` flag may fuse (every score but the non-zero-pixel sanity row).
 ADVERSARIAL_CANDIDATES = ("induced_persistence", "betti_density", "introspection_reconstruction",
                           "introspection_error", "max_softmax", "energy", "mahalanobis", "knn", "feature_squeezing",
-                          "layerwise_knn", "layerwise_mahalanobis")
+                          "layerwise_knn", "layerwise_mahalanobis", "patch_pca")
 #: The ``likely_misclassified`` flag's members without enough held-out errors to choose: max-softmax and the
 #: trust score (Jiang et al. 2018), the pair LeNet-5's calibration chose on its 13 reference-split errors
 #: (AUROC 0.993 against 0.979 for max-softmax alone).
@@ -90,9 +94,9 @@ MISCLASSIFICATION_CANDIDATES = ("max_softmax", "introspection_error", "energy", 
                                 "feature_squeezing", "layerwise_knn", "layerwise_mahalanobis", "trust_score")
 #: Scores whose p-values rank them against the global references, never per predicted class: the trust
 #: score already compares an input with its predicted class and the nearest other, so Mondrian conditioning
-#: on the predicted class only re-ranks classes against each other. It lowered the trust score's AUROC on 10 of
-#: 11 rows of LeNet-5's and of MobileNetV2-32's quality tables (natural misclassifications: 0.953 -> 0.925 and
-#: 0.967 -> 0.952). The flags' thresholds are quantiles over all classes anyway (marginal FPR).
+#: on the predicted class only re-ranks classes against each other. It lowered the trust score's AUROC on
+#: 10 of 11 rows of LeNet-5's and of MobileNetV2-32's quality tables (natural misclassifications: 0.953 ->
+#: 0.925 and 0.967 -> 0.952). The flags' thresholds are quantiles over all classes anyway (marginal FPR).
 GLOBAL_P_VALUES = ("trust_score",)
 #: Fewest natural misclassifications (in the reference split) to choose the ``likely_misclassified`` fusion.
 MIN_ERRORS = 5
@@ -198,7 +202,8 @@ def fit_split(labels: np.ndarray, config: CalibrationConfig, n_classes: int) -> 
 
 
 def build_scorers(model: OnnxClassifier, config: CalibrationConfig, squeezers: list[str]) -> list[Scorer]:
-    """The scorers calibrated by default, in the order they run (``squeezers``: feature squeezing's)."""
+    """The scorers calibrated by default, in the order they run (``squeezers``: feature squeezing's); the
+    patch peer only for image inputs (C, H, W) of at least 4x4 pixels."""
     hidden = list(config.layers or model.default_capture())
     features = InducedGraphFeatures(InducedGraph.from_classifier(model, max_edges=config.max_edges), top_q=config.top_q)
     return [
@@ -215,6 +220,7 @@ def build_scorers(model: OnnxClassifier, config: CalibrationConfig, squeezers: l
         LayerwiseKNNScorer(layers=hidden, seed=config.seed),
         LayerwiseMahalanobisScorer(layers=hidden, seed=config.seed),
         TrustScoreScorer(layer=hidden[-1]),
+        *([PatchPCAScorer()] if len(model.input_shape) == 3 and min(model.input_shape[1:]) >= 4 else []),
     ]
 
 
@@ -276,14 +282,14 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     steps.set_postfix_str("scoring held-out data")
     fit_scores, fit_predicted = score_in_chunks(scorers, fit), fit.predicted
     map_model = _map_model(scorers, config, hidden, fit, data.y[fit_idx])
-    del fit  # from here on, memory holds the fitted scorers and the scores, not the captures
-    release_freed_memory()
+    del fit
     held_parts = [(score_in_chunks(scorers, chunk), chunk.predicted, map_model.transform(chunk))
                   for chunk in reduced_chunks(model, Rows(data.x, held_idx), scorers)]
     held_scores = {name: np.concatenate([scores[name] for scores, _, _ in held_parts]) for name in fit_scores}
     classes = np.concatenate([predicted for _, predicted, _ in held_parts])
     points = np.concatenate([z for _, _, z in held_parts])
-    del held_parts
+    del held_parts  # from here on, memory holds the fitted scorers and the scores, not the captures
+    release_freed_memory()
     accuracy = float(np.mean(np.r_[fit_predicted == data.y[fit_idx], classes == data.y[held_idx]]))
     ref_rows, thr_rows = split_held_out(classes, fraction=0.5, seed=config.seed)
     steps.update()
@@ -380,7 +386,8 @@ def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, sco
 
         tuned = tuning_p_values(model_path, model, scorers, calibrators, x.select(right), y[right], config.tuning_attacks)
     if tuned:
-        rules["adversarial"] = _rule(choose_fusion(clean, tuned, ADVERSARIAL_CANDIDATES, ADVERSARIAL_SCORES,
+        candidates = [name for name in ADVERSARIAL_CANDIDATES if name in ref_scores]
+        rules["adversarial"] = _rule(choose_fusion(clean, tuned, candidates, ADVERSARIAL_SCORES,
                                                    seed=config.seed, criterion=TUNING_CRITERION),
                                      "tuning attacks " + ", ".join(tuned))
     # natural errors are rare: cross-fitted, so that every reference input has a p-value from the other half

@@ -244,6 +244,22 @@ def _nonzero_pixels(scorer: Any, context: _MirrorContext) -> ScoreMirror:
     return run
 
 
+def _patch_pca(scorer: Any, context: _MirrorContext) -> ScoreMirror:
+    """sum over p x p patches q of ||T^T (q - mu)||^2 = (q - mu)^T P (q - mu), in squared pixel units."""
+    p = int(scorer.patch_size)
+    mean, projector = _tensor(scorer.mean_), _tensor(scorer.projector_)
+
+    def run(pass_: MirrorPass) -> dict[str, torch.Tensor]:
+        x = pass_.inputs.to(torch.float64)
+        x = x[:, None] if x.ndim == 3 else x
+        n, c, h, w = x.shape
+        q = x[:, :, : h // p * p, : w // p * p].reshape(n, c, h // p, p, w // p, p)
+        q = q.permute(0, 2, 4, 1, 3, 5).reshape(n, (h // p) * (w // p), c * p * p) - mean
+        return {"patch_pca": torch.einsum("npi,ij,npj->n", q, projector, q)}
+
+    return run
+
+
 def _energy(scorer: Any, context: _MirrorContext) -> ScoreMirror:
     """Energy, -logsumexp(z) in logit units."""
 
@@ -346,6 +362,7 @@ SCORE_MIRRORS: dict[str, Callable[[Any, _MirrorContext], ScoreMirror]] = {
     "layerwise_knn": _layerwise,
     "layerwise_mahalanobis": _layerwise,
     "trust_score": _trust_score,
+    "patch_pca": _patch_pca,
 }
 
 

@@ -4,6 +4,7 @@ from detector.scorers.base import Scorer, ScorerContext
 from detector.scorers.layerwise import LayerwiseKNNScorer, LayerwiseMahalanobisScorer
 from detector.scorers.output import EnergyScorer, FeatureSqueezingScorer
 from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScorer, NonzeroPixelsScorer
+from detector.scorers.pixels import PatchPCAScorer
 from detector.scorers.topology import BettiDensityScorer, InducedPersistenceScorer
 from detector.scorers.trust import TrustScoreScorer
 
@@ -18,6 +19,7 @@ __all__ = [
     "MahalanobisScorer",
     "MaxSoftmaxScorer",
     "NonzeroPixelsScorer",
+    "PatchPCAScorer",
     "Scorer",
     "ScorerContext",
     "TrustScoreScorer",

@@ -7,6 +7,7 @@ from detector.scorers.base import Scorer
 from detector.scorers.layerwise import LayerwiseKNNScorer, LayerwiseMahalanobisScorer
 from detector.scorers.output import EnergyScorer, FeatureSqueezingScorer
 from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScorer, NonzeroPixelsScorer
+from detector.scorers.pixels import PatchPCAScorer
 from detector.scorers.topology import BettiDensityScorer, InducedPersistenceScorer
 from detector.scorers.trust import TrustScoreScorer
 
@@ -16,7 +17,7 @@ SCORER_KINDS: dict[str, type[Scorer]] = {
     cls.kind: cls
     for cls in (InducedPersistenceScorer, BettiDensityScorer, IntrospectionScorer, MaxSoftmaxScorer, MahalanobisScorer,
                 KNNScorer, NonzeroPixelsScorer, EnergyScorer, FeatureSqueezingScorer, LayerwiseKNNScorer,
-                LayerwiseMahalanobisScorer, TrustScoreScorer)
+                LayerwiseMahalanobisScorer, TrustScoreScorer, PatchPCAScorer)
 }
 
 #: Stage label (``advdetect_stage_duration_seconds{stage}``) of each scorer kind.
@@ -33,4 +34,5 @@ STAGE_OF_KIND = {
     "layerwise_knn": "peers",
     "layerwise_mahalanobis": "peers",
     "trust_score": "peers",
+    "patch_pca": "peers",
 }

@@ -30,7 +30,7 @@ def test_artifact_layout_and_manifest(cnn_baseline):
     assert [s["kind"] for s in raw["scorers"]] == ["induced_persistence", "betti_density", "introspection",
                                                    "max_softmax", "mahalanobis", "knn", "nonzero_pixels", "energy",
                                                    "feature_squeezing", "layerwise_knn", "layerwise_mahalanobis",
-                                                   "trust_score"]
+                                                   "trust_score", "patch_pca"]
     assert {f["name"] for f in raw["flags"]} == {"adversarial", "likely_misclassified"}
     for rule in manifest.flags:
         for t in rule.thresholds:  # the conformal quantile keeps the held-out FPR at or below target
@@ -238,7 +238,8 @@ def test_cli_calibrate_with_a_fit_cap_fits_on_fewer_inputs_and_still_flags_noise
                  "--out", str(tmp_path / "b"), "--tuning-attacks", "none", "--max-fit-per-class", "15",
                  "--quiet"]) == 0
     manifest = read_baseline(tmp_path / "b")[0]
-    assert 145 <= manifest.data.n_fit <= 155 and manifest.data.n_reference + manifest.data.n_threshold == 539 - manifest.data.n_fit
+    assert 145 <= manifest.data.n_fit <= 155
+    assert manifest.data.n_reference + manifest.data.n_threshold == 539 - manifest.data.n_fit
     assert f"fit {manifest.data.n_fit}," in capsys.readouterr().out
     assert main(["calibrate", "--model", str(demo_models / "digits_cnn.onnx"), "--data", "digits:calib",
                  "--out", str(tmp_path / "c"), "--max-fit-per-class", "10", "--quiet"]) == 2

@@ -127,7 +127,7 @@ def test_score_and_p_value_gradients_match_finite_differences(cnn_detector, clea
     # feature squeezing is left out: its bit-depth rounding passes gradients straight through, so finite
     # differences see steps where the mirror sees the identity
     names = ["introspection_reconstruction", "introspection_error", "max_softmax", "mahalanobis", "knn", "energy",
-             "layerwise_mahalanobis", "layerwise_knn", "trust_score"]
+             "layerwise_mahalanobis", "layerwise_knn", "trust_score", "patch_pca"]
     agree = 0
     for x, v in _noisy_rows(clean_and_attacked, (0, 3, 31, 34)):
         with torch.no_grad():

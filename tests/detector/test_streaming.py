@@ -93,7 +93,8 @@ def test_a_reduced_capture_scores_exactly_as_the_full_one(demo_models, cnn_basel
     reduced = reduced_capture(detector.model, x, detector.scorers, keep=hidden, batch_size=50)
     full = _batchwise(detector, x, 50)
     assert reduced.inputs is None and not reduced.squeezed_logits
-    assert set(reduced.features) == {"induced_persistence", "betti_density", "nonzero_pixels", "feature_squeezing"}
+    assert set(reduced.features) == {"induced_persistence", "betti_density", "nonzero_pixels", "feature_squeezing",
+                                     "patch_pca"}
     assert set(reduced.activations) <= set(full.activations) and set(hidden) <= set(reduced.activations)
     assert "/6/Flatten_output_0" in full.activations and "/6/Flatten_output_0" not in reduced.activations  # topology's
     for scorer in detector.scorers:
