@@ -3,11 +3,11 @@
 Calibration holds one *reduced* capture of its fit split (:func:`reduced_capture`): per input, the logits,
 the small captured tensors (channel means, dense layers) and the features the scorers derive from the
 large ones (:meth:`Scorer.reduce <detector.scorers.base.Scorer.reduce>`: the topology features of the
-edge-budget window, the lit-pixel count, the feature-squeezing score). The pixels, the whole conv maps and
-the squeezed copies' logits of a batch are dropped before the next batch runs, so memory grows with the number of inputs only by those few
-per-input numbers. Scorers then fit and score reduced captures as they would full ones, scoring a chunk of
-inputs at a time (:func:`score_in_chunks`). The held-out inputs are captured a chunk at a time
-(:func:`reduced_chunks`) and only their scores kept.
+edge-budget window, the lit-pixel count, the feature-squeezing score, the patch moments). The pixels, the
+whole conv maps and the squeezed copies' logits of a batch are dropped before the next batch runs.
+Scorers then fit and score reduced captures as they would full ones, scoring a chunk of inputs at a time
+(:func:`score_in_chunks`). The held-out inputs are captured a chunk at a time (:func:`reduced_chunks`) and
+only their scores kept, so that calibration's memory does not grow with their number.
 """
 
 from __future__ import annotations
