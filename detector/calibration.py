@@ -123,8 +123,8 @@ class CalibrationConfig(BaseModel):
     fit_fraction : float in (0, 1)
         Share of the clean data the scorers are fitted on; the rest is split in half (references, thresholds).
     max_fit_per_class : int
-        The fit split holds at most ``max_fit_per_class * n_classes`` inputs (:func:`fit_split`); the
-        inputs beyond join the held-out data. What the scorers keep (their k-NN references, the VAE's
+        The fit split holds at most ``max_fit_per_class`` inputs per class present in the data, on average
+        (:func:`fit_split`); the inputs beyond join the held-out data. What the scorers keep (their k-NN references, the VAE's
         training set) is thus bounded by the number of classes, not the number of inputs, and so is
         calibration's peak memory: the held-out inputs are captured and scored a chunk at a time.
     min_class_count : int
@@ -186,15 +186,16 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def fit_split(labels: np.ndarray, config: CalibrationConfig, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def fit_split(labels: np.ndarray, config: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
     """The rows the scorers fit on and the held-out rows, sorted and disjoint, covering every input.
 
     A stratified, seeded ``fit_fraction`` of ``labels`` (:func:`~detector.conformal.split_held_out`); when that
-    is more than ``max_fit_per_class * n_classes`` inputs, a stratified, seeded subsample of that size (up to
-    rounding per class) is kept and the rest of it joins the held-out rows.
+    is more than ``max_fit_per_class`` inputs per class present in ``labels``, a stratified, seeded subsample of
+    that size (up to rounding per class) is kept and the rest of it joins the held-out rows. The classes
+    present count, not the model's: a 1,000-class model calibrated on ten classes keeps at most 1,000.
     """
     fit_idx, held_idx = split_held_out(labels, fraction=config.fit_fraction, seed=config.seed)
-    cap = config.max_fit_per_class * n_classes
+    cap = config.max_fit_per_class * len(np.unique(labels))
     if len(fit_idx) > cap:
         keep, rest = split_held_out(labels[fit_idx], fraction=cap / len(fit_idx), seed=config.seed)
         fit_idx, held_idx = fit_idx[keep], np.sort(np.r_[held_idx, fit_idx[rest]])
@@ -251,7 +252,7 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     if data.y.max() >= model.n_classes or data.y.min() < 0:
         raise DataError(f"labels must lie in [0, {model.n_classes}) for this {model.n_classes}-class model, "
                         f"got [{data.y.min()}, {data.y.max()}]")
-    fit_idx, held_idx = fit_split(data.y, config, model.n_classes)
+    fit_idx, held_idx = fit_split(data.y, config)
     needed = max(int(np.ceil((1 - min(config.fprs)) / min(config.fprs))), config.window_size)
     if len(held_idx) // 2 < needed:
         raise DataError(
