@@ -105,8 +105,8 @@ class PatchPCAScorer(Scorer):
         self.mean_ = first.sum(axis=0) / total
         covariance = second.sum(axis=0) / total - np.outer(self.mean_, self.mean_)
         values, vectors = np.linalg.eigh(covariance)  # ascending
-        values, vectors = values[::-1], vectors[:, ::-1]
-        explained = np.cumsum(np.clip(values, 0, None)) / max(float(np.clip(values, 0, None).sum()), 1e-300)
+        variances, vectors = np.clip(values[::-1], 0, None), vectors[:, ::-1]  # rounding can leave tiny negatives
+        explained = np.cumsum(variances) / max(float(variances.sum()), 1e-300)
         k = int(np.searchsorted(explained, self.variance)) + 1
         tail = vectors[:, k:]
         self.projector_ = tail @ tail.T
