@@ -128,9 +128,10 @@ class CalibrationConfig(BaseModel):
         Share of the clean data the scorers are fitted on; the rest is split in half (references, thresholds).
     max_fit_per_class : int
         The fit split holds at most ``max_fit_per_class`` inputs per class present in the data, on average
-        (:func:`fit_split`); the inputs beyond join the held-out data. What the scorers keep (their k-NN references, the VAE's
-        training set) is thus bounded by the number of classes, not the number of inputs, and so is
-        calibration's peak memory: the held-out inputs are captured and scored a chunk at a time.
+        (:func:`fit_split`); the inputs beyond join the held-out data. What the scorers keep (their k-NN
+        references, the VAE's training set) is thus bounded by the number of classes, not the number of
+        inputs, and so is calibration's peak memory: the held-out inputs are captured and scored a chunk at
+        a time.
     min_class_count : int
         Class-conditional conformal references need this many per predicted class.
     top_q : float in (0, 1]
