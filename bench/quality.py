@@ -10,7 +10,8 @@ Runs the offline protocol an ML engineer runs (``advdetect calibrate`` then ``ad
   :mod:`detector.offline.zoo` architectures (ResNet-18 width 8, MobileNetV2 width 0.25, ViT dim 64 depth 4;
   widths and epochs in ``common.MNIST32_MODELS``) trained on the same 6,000 images padded to 32x32 and
   repeated to 3 channels (``mnist32``), calibrated and evaluated on the same splits, mapped the same way; the
-  first ``MAX_ATTACKED_32`` correctly classified evaluation inputs are attacked.
+  first ``MAX_ATTACKED_32`` correctly classified evaluation inputs are attacked, in grey (the three channels stay
+  equal, as in the clean data: :func:`detector.offline.attacks.channels_tied`).
 
 Every attack of the suite runs with its defaults (eps 0.3 for the L-inf attacks, on MNIST too), from the
 Adversarial Robustness Toolbox on the ONNX model converted by onnx2torch; clean and adversarial images are
@@ -201,7 +202,10 @@ def _header(case: Case, manifest: Any, table: dict, attack_info: dict, seconds: 
           f"calibration data only: {r.selection}." for r in manifest.flags],
         f"- Evaluation: `{case.evaluation.name}`, {n_eval} inputs, {table['n_clean']} classified correctly "
         f"(the negatives; {'all' if case.max_attacked is None else f'the first {case.max_attacked}'} of them "
-        "attacked). Positives: successful adversarial examples only, success judged after rounding to 8-bit.",
+        "attacked). Positives: successful adversarial examples only, success judged after rounding to 8-bit."
+        + (" The inputs are grey repeated to three channels, so every attack (and the calibration's tuning attacks) "
+           "ran in grey and left the channels equal (`detector.offline.attacks.channels_tied`)."
+           if table.get("channels_tied") else ""),
         "",
         "Attacks (Adversarial Robustness Toolbox, defaults of `detector.offline.attacks.ATTACK_DEFAULTS`; images "
         "rounded to 8-bit; norms are means over successful examples, in pixel units):",

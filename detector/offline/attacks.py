@@ -28,6 +28,12 @@ attack that leaves sub-1/255 noise on a blank background loses that noise here i
 it. Rounding moves a pixel by at most half a grey level, so an L-inf budget eps holds to within
 eps + 1/510. :func:`offgrid_pixels` is the matching sanity statistic.
 
+Greyscale stored as colour. When every input of a batch has identical channels (grey images repeated to
+three channels, as MNIST-32), the attack runs on one channel through the model with that channel repeated
+(:func:`channels_tied`), so the adversarial images stay grey. An attack that changed the channels unequally
+would land in directions that clean inputs never use, where any pixel statistic sees it at no cost to the
+detector; an attacker who knows the data keeps the channels equal, as one who knows the service rounds to 8-bit.
+
 Determinism: numpy's and torch's global generators are seeded with ``seed`` before each attack (ART draws
 its random starts and Square's patches from them) and restored afterwards. torch is imported at module
 level: this module lives in ``detector.offline`` and is never imported by the serving path.
@@ -52,6 +58,7 @@ __all__ = [
     "AttackResult",
     "ATTACKS",
     "ATTACK_DEFAULTS",
+    "channels_tied",
     "load_torch_classifier",
     "offgrid_pixels",
     "round_to_grid",
@@ -147,6 +154,11 @@ def offgrid_pixels(x: np.ndarray, pixel_levels: int = 255) -> np.ndarray:
     return (np.abs(scaled - np.rint(scaled)) > 1e-3).sum(axis=1).astype(np.float64)
 
 
+def channels_tied(x: np.ndarray) -> bool:
+    """True when ``x`` is (n_samples, C, H, W) with C > 1 and every channel equal to the first: grey stored as colour."""
+    return x.ndim == 4 and x.shape[1] > 1 and bool((x[:, 1:] == x[:, :1]).all())
+
+
 def load_torch_classifier(onnx_path: str | os.PathLike[str]) -> torch.nn.Module:
     """The ONNX classifier at ``onnx_path`` as a ``torch.nn.Module`` (:func:`~detector.offline.torch_onnx.onnx_to_torch`).
 
@@ -163,6 +175,17 @@ def load_torch_classifier(onnx_path: str | os.PathLike[str]) -> torch.nn.Module:
     if len(graph.graph.output) == 1:
         return module
     return _FirstOutput(module)
+
+
+class _RepeatedChannel(torch.nn.Module):
+    """The classifier on one-channel inputs, repeated to the ``channels`` it expects (greyscale attacks)."""
+
+    def __init__(self, module: torch.nn.Module, channels: int) -> None:
+        super().__init__()
+        self.module, self.channels = module, channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.expand(-1, self.channels, -1, -1))
 
 
 class _FirstOutput(torch.nn.Module):
@@ -269,6 +292,7 @@ def run_attack(name: str, model: torch.nn.Module, x: np.ndarray, y: np.ndarray, 
     Returns
     -------
     AttackResult
+        Its ``params`` say whether the channels were tied (``channels_tied``, see :func:`channels_tied`).
     """
     if name not in ATTACK_DEFAULTS:
         raise InvalidInput(f"unknown attack {name!r}; expected one of {', '.join(ATTACKS)}")
@@ -283,11 +307,16 @@ def run_attack(name: str, model: torch.nn.Module, x: np.ndarray, y: np.ndarray, 
     n_classes = _logits(model, x[:1]).shape[1]
     if y.min() < 0 or y.max() >= n_classes:
         raise InvalidInput(f"y must hold labels in [0, {n_classes}), got [{y.min()}, {y.max()}]")
+    tied = channels_tied(x)
+    x_attacked, attacked = (np.ascontiguousarray(x[:, :1]), _RepeatedChannel(model, x.shape[1])) if tied else (x, model)
     if name == "noise":
-        noise = np.random.default_rng(int(params["seed"])).standard_normal(x.shape, dtype=np.float32)
-        raw = np.clip(x + np.float32(params["sigma"]) * noise, 0.0, 1.0)
+        noise = np.random.default_rng(int(params["seed"])).standard_normal(x_attacked.shape, dtype=np.float32)
+        raw = np.clip(x_attacked + np.float32(params["sigma"]) * noise, 0.0, 1.0)
     else:
-        raw = np.asarray(_art_attack(name, model, x, y, n_classes, params, batch_size, verbose), dtype=np.float32)
+        raw = np.asarray(_art_attack(name, attacked, x_attacked, y, n_classes, params, batch_size, verbose),
+                         dtype=np.float32)
+    if tied:
+        raw = np.repeat(raw, x.shape[1], axis=1)
     x_adv = round_to_grid(raw, pixel_levels)
     delta = (x_adv - x).reshape(len(x), -1).astype(np.float64)
     return AttackResult(
@@ -295,5 +324,5 @@ def run_attack(name: str, model: torch.nn.Module, x: np.ndarray, y: np.ndarray, 
         success=_logits(model, x_adv).argmax(axis=1) != y,
         success_unrounded=_logits(model, np.ascontiguousarray(raw)).argmax(axis=1) != y,
         l2=np.linalg.norm(delta, axis=1), linf=np.abs(delta).max(axis=1),
-        params={**params, "pixel_levels": pixel_levels},
+        params={**params, "pixel_levels": pixel_levels, "channels_tied": tied},
     )

@@ -11,7 +11,9 @@ Protocol (DESIGN.md, "Honest evaluation"):
   rounding are reported beside. ``max_attacked`` attacks only the first correctly classified inputs
   (the slow CW attacks on a large set); the negatives stay all of them;
 - ``misclassified``: positives are the clean evaluation inputs the model gets wrong;
-- ``noise``: Gaussian noise on the same inputs; every noisy input counts (it is a corruption, not an attack).
+- ``noise``: Gaussian noise on the same inputs; every noisy input counts (it is a corruption, not an attack);
+- grey images stored as colour (every channel equal) are attacked in grey
+  (:func:`~detector.offline.attacks.channels_tied`), so no attack gives itself away by colouring them.
 
 For every (attack, detector) pair: AUROC and the TPR at 1 % and 5 % FPR (the largest TPR on the ROC curve
 whose FPR does not exceed the target). Detectors are the raw scores of every scorer (``nonzero_pixels`` and
@@ -35,7 +37,7 @@ from tqdm.auto import tqdm
 
 from detector.data import Dataset
 from detector.errors import InvalidInput
-from detector.offline.attacks import ATTACKS, offgrid_pixels, round_to_grid, run_attack
+from detector.offline.attacks import ATTACKS, channels_tied, offgrid_pixels, round_to_grid, run_attack
 from detector.pipeline import Detector
 
 __all__ = ["ATTACK_NAMES", "EvaluationResult", "evaluate", "results_markdown", "tpr_at_fpr", "write_results"]
@@ -110,10 +112,11 @@ def evaluate(detector: Detector, torch_model: torch.nn.Module, data: Dataset, at
     all_scores, predicted = _detector_scores(detector, x)
     correct = predicted == data.y
     clean = {k: v[correct] for k, v in all_scores.items()}
-    table: dict = {"model": model_name, "n_clean": int(correct.sum()), "pixel_levels": pixel_levels, "attacks": {}}
+    x_ok, y_ok = x[correct][:max_attacked], data.y[correct][:max_attacked]
+    table: dict = {"model": model_name, "n_clean": int(correct.sum()), "pixel_levels": pixel_levels,
+                   "channels_tied": channels_tied(x_ok), "attacks": {}}
     kept: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
     p_values = {}
-    x_ok, y_ok = x[correct][:max_attacked], data.y[correct][:max_attacked]
     for name in tqdm(attacks, desc="evaluate", disable=not progress):
         if name == "misclassified":
             positive = {k: v[~correct] for k, v in all_scores.items()}
@@ -165,7 +168,9 @@ def results_markdown(table: dict) -> str:
     lines = [f"# Evaluation: {table['model']}", "",
              f"Clean inputs classified correctly (negatives): {table['n_clean']}. Positives: successful adversarial "
              "examples made from them (every noisy input for `noise`; the model's errors for `misclassified`). "
-             f"Pixels (clean and adversarial) {grid}; success is judged after rounding.", ""]
+             f"Pixels (clean and adversarial) {grid}; success is judged after rounding."
+             + (" The inputs are grey images stored as colour: the attacks kept the channels equal."
+                if table.get("channels_tied") else ""), ""]
     for attack, row in table["attacks"].items():
         before = f" ({row['success_rate_unrounded']:.3f} before rounding)" if "success_rate_unrounded" in row else ""
         lines += [f"## {attack}: success rate {row['success_rate']:.3f}{before}, n = {row['n']}", "",

@@ -14,7 +14,8 @@ import torch
 
 from detector.errors import InvalidInput
 from detector.model import OnnxClassifier
-from detector.offline.attacks import ATTACK_DEFAULTS, ATTACKS, load_torch_classifier, offgrid_pixels, round_to_grid, run_attack
+from detector.offline.attacks import (ATTACK_DEFAULTS, ATTACKS, channels_tied, load_torch_classifier, offgrid_pixels,
+                                      round_to_grid, run_attack)
 
 N_INPUTS = 60
 #: Smaller budgets than the defaults where they only cost time (the properties tested do not depend on them).
@@ -112,3 +113,31 @@ def test_unknown_attacks_and_parameters_are_refused(cnn, clean):
         run_attack("fgsm", cnn, *clean, epsilon=0.1)
     with pytest.raises(InvalidInput, match="pixels in"):
         run_attack("fgsm", cnn, clean[0] * 2, clean[1])
+
+
+class _ColourMix(torch.nn.Module):
+    """The digits CNN on a weighted mix of three channels: on grey inputs it is the CNN, and its gradient differs
+    between channels, so an untied attack changes them unequally."""
+
+    def __init__(self, cnn: torch.nn.Module) -> None:
+        super().__init__()
+        self.cnn = cnn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.cnn(0.6 * x[:, :1] + 0.3 * x[:, 1:2] + 0.1 * x[:, 2:])
+
+
+@pytest.mark.parametrize("name", ["pgd", "noise"])
+def test_grey_inputs_stored_as_colour_are_attacked_in_grey(cnn, clean, results, name):
+    x, y = clean
+    grey, model = np.repeat(x, 3, axis=1), _ColourMix(cnn)
+    assert channels_tied(grey) and not channels_tied(x)
+    tied = run_attack(name, model, grey, y)
+    assert tied.params["channels_tied"] and channels_tied(tied.x_adv)
+    # the same attack on one channel through the CNN: the grey attack is that image, repeated
+    np.testing.assert_array_equal(tied.x_adv, np.repeat(results[name].x_adv, 3, axis=1))
+    np.testing.assert_array_equal(tied.success, results[name].success)
+    coloured = grey.copy()
+    coloured[:, 2] *= 0.5  # no longer grey: the attack is free to change the channels unequally
+    free = run_attack(name, model, coloured, y)
+    assert not free.params["channels_tied"] and not (free.x_adv[:, 0] == free.x_adv[:, 1]).all()

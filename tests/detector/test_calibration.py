@@ -202,6 +202,7 @@ def test_cli_evaluate_writes_the_results_table(demo_models, cnn_baseline, tmp_pa
     assert {"fused", "induced_persistence", "betti_density", "introspection_reconstruction", "introspection_error",
             "max_softmax", "mahalanobis", "knn", "nonzero_pixels", "offgrid_pixels"} <= set(fgsm["detectors"])
     assert table["pixel_levels"] == 255 and fgsm["detectors"]["offgrid_pixels"]["auroc"] == 0.5  # all on the grid
+    assert table["channels_tied"] is False  # one channel: nothing to tie
     assert fgsm["detectors"]["fused"]["auroc"] > 0.9  # FGSM changes the background: easy to see
     assert set(fgsm["detectors"]["fused"]) == {"auroc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.05"}
     assert (out / "roc_fgsm.png").is_file() and "## fgsm" in (out / "results.md").read_text()
