@@ -4,15 +4,17 @@
     .venv/bin/python bench/calibration_memory.py resnet50 5000
 
 The model and data are `bench/scale.py`'s (the same seeded random architecture and uint8 MNIST inputs, read
-batch by batch from an uncompressed .npz); they are kept in ``--work`` (default ``build/bench/memory``) so that
-runs of several sizes share them. One line per progress step of ``calibrate``: seconds since the start, the
-resident set and the process's peak RSS so far (``ru_maxrss``), in GiB as in ``bench/scale.py``, printed as
-the step begins, so the growth of a step shows on the next line. Run one size per process: the peak is the process's.
+batch by batch from an uncompressed .npz); they are made in a child process, whose memory does not count, and
+kept in ``--work`` (default ``build/bench/memory``) so that runs of several sizes share them. One line per
+progress step of ``calibrate``: seconds since the start, the resident set and the process's peak RSS so far
+(``ru_maxrss``), in GiB as in ``bench/scale.py``, printed as the step begins, so the growth of a step shows on
+the next line. Run one size per process: the peak is the process's.
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import resource
 import sys
 import time
@@ -41,6 +43,14 @@ class _StepMemory:
         self.set_postfix_str("done")
 
 
+def _prepare(arch: str, size: int, model: Path, data: Path) -> None:
+    """Export the model and write its 5,000 inputs (what the runs of every size share)."""
+    if not model.exists():
+        _export(arch, size, model)
+    if not data.exists():
+        _write_data(data, model, size, 5_000)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("arch", choices=list(ARCHS))
@@ -49,12 +59,13 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     size = ARCHS[args.arch]
-    model = args.work / f"{args.arch}.onnx"
-    if not model.exists():
-        _export(args.arch, size, model)
-    data = args.work / f"{args.arch}-data.npz"
-    if not data.exists():
-        _write_data(data, model, size, 5_000)
+    model, data = args.work / f"{args.arch}.onnx", args.work / f"{args.arch}-data.npz"
+    if not (model.exists() and data.exists()):  # in a child process, so that its memory is not this one's peak
+        child = multiprocessing.get_context("spawn").Process(target=_prepare, args=(args.arch, size, model, data))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            sys.exit(f"preparing {model} and {data} failed (exit code {child.exitcode})")
     detector.calibration.tqdm = _StepMemory  # calibrate reports its steps through its progress bar
     detector.calibration.calibrate(model, _lazy(data, args.inputs), args.work / f"{args.arch}-{args.inputs}",
                                    detector.calibration.CalibrationConfig(progress=True))
