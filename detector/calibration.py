@@ -278,7 +278,6 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
         release_freed_memory()
         steps.set_postfix_str(step)
 
-
     begin("capturing activations")
     # batch by batch, keeping per input only what the scorers and the population monitor read
     fit = reduced_capture(model, Rows(data.x, fit_idx), scorers, keep=hidden)
