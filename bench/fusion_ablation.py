@@ -61,7 +61,8 @@ def run(model: str) -> None:
     weights = logistic_weights(np.concatenate([_stack(data[a][0], names) for a in tuning]),
                                np.concatenate([_stack(data[a][1], names) for a in tuning]))
     variants = {
-        "chosen": (rule.scores, Fusion(rule.fusion, rule.weights)),
+        "chosen": (rule.members, rule.fusion_op()),
+        "chosen without its screen": (rule.scores, Fusion(rule.fusion, rule.weights)),
         "fisher_default": (list(ADVERSARIAL_SCORES), Fusion("fisher")),
         "fisher_all": (names, Fusion("fisher")),
         "min_all": (names, Fusion("min")),
@@ -72,9 +73,7 @@ def run(model: str) -> None:
     lines = [f"# Fusion ablation: {model}", "",
              "AUROC / TPR at 5 % FPR of the `adversarial` statistic, on the p-values of the last "
              "`bench/quality.py` run (8-bit attacks, successful examples only, clean negatives the model got right). "
-             f"Chosen rule: {rule.fusion} over {', '.join(rule.scores)}"
-             f"{' (weights ' + ', '.join(f'{w:.3f}' for w in rule.weights) + ')' if rule.weights else ''}; "
-             f"{rule.selection}. `weighted_fisher_lr` weights (fitted on this run's {', '.join(tuning)} rows): "
+             f"Chosen rule: {rule.describe()}; {rule.selection}. `weighted_fisher_lr` weights (fitted on this run's {', '.join(tuning)} rows): "
              + ", ".join(f"{n} {w:.3f}" for n, w in zip(names, weights) if w > 0) + ".", "",
              "Rows " + ", ".join(f"`{a}`" for a in tuning) + " are the tuning attack types (in-sample for `chosen` "
              "and `weighted_fisher_lr`); `best single p-value` (one score's conformal p-value) and `best Fisher of <= 3 "

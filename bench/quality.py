@@ -197,9 +197,7 @@ def _header(case: Case, manifest: Any, table: dict, attack_info: dict, seconds: 
         f"thresholds {d.n_threshold}; `CalibrationConfig` defaults (seed {config.seed}, top_q {config.top_q}, "
         f"latent_dim {config.latent_dim}, FPRs {', '.join(map(str, config.fprs))}).",
         *[f"- Flag `{r.name}` ({'attack rows' if r.name == 'adversarial' else '`misclassified` row'}): "
-          f"{'weighted ' if r.weights else ''}{r.fusion} over {', '.join(r.scores)}"
-          f"{' with weights ' + ', '.join(f'{w:.3f}' for w in r.weights) if r.weights else ''}; chosen on "
-          f"calibration data only: {r.selection}." for r in manifest.flags],
+          f"{r.describe()}; chosen on calibration data only: {r.selection}." for r in manifest.flags],
         f"- Evaluation: `{case.evaluation.name}`, {n_eval} inputs, {table['n_clean']} classified correctly "
         f"(the negatives; {'all' if case.max_attacked is None else f'the first {case.max_attacked}'} of them "
         "attacked). Positives: successful adversarial examples only, success judged after rounding to 8-bit."

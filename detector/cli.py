@@ -113,11 +113,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     tuning = {} if args.tuning_attacks is None else {
         "tuning_attacks": () if args.tuning_attacks == ["none"] else tuple(args.tuning_attacks)}
+    if args.screen is not None:
+        tuning["adversarial_screen"] = None if args.screen == "none" else args.screen
     try:
         config = CalibrationConfig(layers=args.layers, fprs=args.fpr, seed=args.seed, top_q=args.top_q,
                                    max_edges=args.max_edges, latent_dim=args.latent_dim,
-                                   max_fit_per_class=args.max_fit_per_class, progress=not args.quiet,
-                                   **tuning)
+                                   max_fit_per_class=args.max_fit_per_class, screen_share=args.screen_share,
+                                   progress=not args.quiet, **tuning)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise AdvDetectError(f"invalid calibration settings: {problems}") from None
@@ -128,8 +130,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
           f"references {manifest.data.n_reference}, thresholds {manifest.data.n_threshold})")
     for rule in manifest.flags:
         rates = ", ".join(f"target {t.target_fpr:g}: held-out {t.heldout_fpr:.3f}" for t in rule.thresholds)
-        weighted = "weighted " if rule.weights else ""
-        print(f"  flag {rule.name}: {weighted}{rule.fusion} over {', '.join(rule.scores)}; FPR {rates}")
+        print(f"  flag {rule.name}: {rule.describe()}; FPR {rates}")
     return 0
 
 
@@ -291,6 +292,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="attacks made on calibration data to choose the adversarial fusion (default "
                         "fgsm,fgsm_foreground: CalibrationConfig's; add deepfool,fgsm_minimal_foreground for "
                         "boundary attacks; 'none': Fisher over the default members, no attack data)")
+    p.add_argument("--screen", default=None,
+                   help="score OR-ed with the adversarial fusion instead of fused into it (default patch_pca, "
+                        "for image inputs; 'none': no screen)")
+    p.add_argument("--screen-share", type=float, default=0.2,
+                   help="share of the false-positive rate the screen spends (default 0.2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_calibrate)
 

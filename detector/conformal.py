@@ -34,6 +34,7 @@ from typing import Sequence
 
 import numba
 import numpy as np
+from scipy.special import gammaincc
 
 from detector.errors import InvalidInput, NotReady
 
@@ -290,6 +291,15 @@ class Fusion:
     weights : sequence of float, optional
         Weighted Fisher, ``T = -2 sum_j w_j log p_j`` (``method="fisher"`` only): the weights
         :func:`detector.fusion_choice.choose_fusion` may choose on calibration data. Default: all 1.
+    screen_share : float in (0, 1), optional
+        The last column is a *screen*, a score OR-ed with the fused group by weighted Bonferroni (Tippett) instead
+        of joining it. With s the share, P(T) the group's combined p-value and p_s the screen's p-value, the
+        statistic is ``-log min(P(T) / (1 - s), p_s / s)``: the screen spends about a share s of the false-positive
+        rate, the group the rest, and neither dilutes the other. P(T) is the group's p-value under independence:
+        Fisher, the upper tail of a Gamma(a, 1) at T / 2 with a = sum_j w_j (the chi-square(2k) tail when
+        unweighted; the weighted sum has the same mean); min, Bonferroni's min(1, k e^-T); harmonic, the harmonic
+        mean p-value min(1, 1 / T). The members are correlated, so P(T) is not a calibrated p-value; it only puts
+        the group on the screen's scale. The threshold on the statistic is calibrated empirically, as always.
 
     Notes
     -----
@@ -313,11 +323,15 @@ class Fusion:
     inputs. No attack data is needed.
     """
 
-    def __init__(self, method: str = "fisher", weights: Sequence[float] | None = None):
+    def __init__(self, method: str = "fisher", weights: Sequence[float] | None = None,
+                 screen_share: float | None = None):
         self.method = method
         self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
         if self.weights is not None and (method != "fisher" or self.weights.ndim != 1 or (self.weights < 0).any()):
             raise InvalidInput(f"weights need method 'fisher' and non-negative values, got {method!r} and {weights!r}")
+        if screen_share is not None and not 0 < screen_share < 1:
+            raise InvalidInput(f"screen_share must lie in (0, 1), got {screen_share!r}")
+        self.screen_share = screen_share
 
     def combine(self, p_values: np.ndarray) -> np.ndarray:
         """Fused statistic of p-values (n_samples, n_scorers) in (0, 1], ndarray (n_samples,); higher = more suspicious."""
@@ -330,12 +344,31 @@ class Fusion:
             raise InvalidInput(f"expected p-values of shape (n_samples, n_scorers) with n_scorers >= 1, got {p.shape}")
         if not ((p > 0) & (p <= 1)).all():
             raise InvalidInput("p-values must lie in (0, 1] (conformal p-values never reach 0)")
-        if self.weights is not None and len(self.weights) != p.shape[1]:
-            raise InvalidInput(f"{len(self.weights)} weights for {p.shape[1]} p-values")
+        group = p.shape[1] - (self.screen_share is not None)
+        if group == 0:
+            raise InvalidInput("a screened fusion needs at least one p-value besides the screen's (the last column)")
+        if self.weights is not None and len(self.weights) != group:
+            raise InvalidInput(f"{len(self.weights)} weights for {group} p-values")
         return self._combine(p)
 
     def _combine(self, p: np.ndarray) -> np.ndarray:
         """:meth:`combine` of a float64 array (n_samples, n_scorers) of valid p-values, unchecked."""
+        if self.screen_share is None:
+            return self._group(p)
+        s = self.screen_share
+        group_p = self.group_p_value(self._group(p[:, :-1]), p.shape[1] - 1)
+        return -np.log(np.minimum(group_p / (1.0 - s), p[:, -1] / s))
+
+    def group_p_value(self, statistic: np.ndarray, k: int) -> np.ndarray:
+        """P(T) of ``screen_share``: the p-value of a group statistic T of k members under independence."""
+        if self.method == "fisher":
+            a = k if self.weights is None else float(self.weights.sum())
+            return gammaincc(a, statistic / 2.0)
+        if self.method == "min":
+            return np.minimum(1.0, k * np.exp(-statistic))
+        return np.minimum(1.0, 1.0 / statistic)
+
+    def _group(self, p: np.ndarray) -> np.ndarray:
         if self.method == "fisher":
             logs = np.log(p) if self.weights is None else np.log(p) * self.weights
             return -2.0 * logs.sum(axis=1)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from detector.conformal import Fusion
 from detector.preprocessing import Preprocessing
 
 __all__ = [
@@ -24,8 +25,9 @@ __all__ = [
     "Manifest",
 ]
 
-#: Bumped whenever a reader of an older version could misread a newer artifact.
-SCHEMA_VERSION = 1
+#: Bumped whenever a reader of an older version could misread a newer artifact. 2: a flag rule may name a
+#: ``screen`` (older readers would refuse the field with a less helpful message than "upgrade advdetect").
+SCHEMA_VERSION = 2
 
 
 class _Frozen(BaseModel):
@@ -78,9 +80,11 @@ class FlagRule(_Frozen):
     """A flag: which p-values it fuses, how, and where it fires.
 
     The statistic is ``fusion`` of the conformal p-values of ``scores`` (weighted Fisher when ``weights`` are
-    given); the flag fires when it exceeds the threshold of the chosen target FPR (``default_fpr`` unless the
-    request asks for another). ``reason_alpha`` names a scorer as a reason when its own p-value is below it.
-    ``selection`` says how the members, fusion and weights were chosen (on calibration data only).
+    given), OR-ed with the ``screen`` score's p-value when there is one (it then spends about ``screen_share``
+    of the false-positive rate: :class:`detector.conformal.Fusion`); the flag fires when the statistic exceeds
+    the threshold of the chosen target FPR (``default_fpr`` unless the request asks for another).
+    ``reason_alpha`` names a scorer as a reason when its own p-value is below it. ``selection`` says how the
+    members, fusion and weights were chosen (on calibration data only).
     """
 
     name: str
@@ -91,6 +95,30 @@ class FlagRule(_Frozen):
     reason_alpha: float = 0.05
     weights: list[float] | None = None
     selection: str = ""
+    screen: str | None = None
+    screen_share: float | None = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _screen_has_share(self) -> "FlagRule":
+        if (self.screen is None) != (self.screen_share is None):
+            raise ValueError("screen and screen_share go together: give both or neither")
+        return self
+
+    @property
+    def members(self) -> list[str]:
+        """Every score the statistic reads: ``scores``, then the ``screen`` if any (the column order of
+        :meth:`fusion_op`)."""
+        return self.scores + ([self.screen] if self.screen else [])
+
+    def describe(self) -> str:
+        """One line for people: e.g. ``fisher over a, b OR screen c (share 0.2)``."""
+        weights = f" (weights {', '.join(f'{w:.3f}' for w in self.weights)})" if self.weights else ""
+        screen = f" OR screen {self.screen} (share {self.screen_share:g})" if self.screen else ""
+        return f"{self.fusion} over {', '.join(self.scores)}{weights}{screen}"
+
+    def fusion_op(self) -> Fusion:
+        """The :class:`~detector.conformal.Fusion` of p-values (n_samples, len(:attr:`members`))."""
+        return Fusion(self.fusion, self.weights, self.screen_share)
 
 
 class Manifest(_Frozen):

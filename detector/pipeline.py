@@ -20,7 +20,7 @@ import numpy as np
 
 from detector.baseline import check_model_matches, read_baseline
 from detector.capture import Capture
-from detector.conformal import FUSION_METHODS, CalibratorStack, ConformalCalibrator, Fusion
+from detector.conformal import FUSION_METHODS, CalibratorStack, ConformalCalibrator
 from detector.errors import BaselineError, InvalidInput
 from detector.manifest import FlagRule, Manifest
 from detector.model import OnnxClassifier
@@ -94,7 +94,7 @@ class Detector:
         if other:
             raise BaselineError(f"conformal references of {other} classes (by score) for a {model.n_classes}-class model")
         for rule in manifest.flags:
-            missing = [n for n in rule.scores if n not in names]
+            missing = [n for n in rule.members if n not in names]
             if missing or not rule.scores:
                 raise BaselineError(f"flag {rule.name!r} fuses scores {missing or '[]'}; the scorers give {names}")
             if rule.fusion not in FUSION_METHODS:
@@ -103,7 +103,7 @@ class Detector:
         self._squeezers = list(dict.fromkeys(n for s in scorers for n in s.squeezer_names()))
         self._calibrator_stack = CalibratorStack([calibrators[n] for n in names])
         # each rule's fusion and the rows of its scores in the (n_scores, n_samples) tables of detect()
-        self._rules = [(rule, Fusion(rule.fusion, rule.weights), [names.index(n) for n in rule.scores]) for rule in manifest.flags]
+        self._rules = [(rule, rule.fusion_op(), [names.index(n) for n in rule.members]) for rule in manifest.flags]
 
     @classmethod
     def load(cls, model_path: str | os.PathLike[str], baseline_dir: str | os.PathLike[str],
@@ -124,7 +124,7 @@ class Detector:
         check_model_matches(manifest, model.sha256, model_path)
         context = ScorerContext(model)
         scorers: list[Scorer] = []
-        flagged = {n for rule in manifest.flags for n in rule.scores}
+        flagged = {n for rule in manifest.flags for n in rule.members}
         for entry in manifest.scorers:
             if flagged_scores_only and not flagged & set(entry.score_names):
                 continue
@@ -201,7 +201,7 @@ class Detector:
     def statistics(self, p_values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Fused statistic of every flag rule, each ndarray (n_samples,)."""
         return {
-            rule.name: Fusion(rule.fusion, rule.weights).combine(np.stack([p_values[n] for n in rule.scores], axis=1))
+            rule.name: rule.fusion_op().combine(np.stack([p_values[n] for n in rule.members], axis=1))
             for rule in self.manifest.flags
         }
 
@@ -241,8 +241,8 @@ class Detector:
             flags = {}
             for rule, _, _ in self._rules:
                 if stats[rule.name][i] > thresholds[rule.name]:
-                    reasons = [n for n in rule.scores if p_i[n] < rule.reason_alpha]
-                    flags[rule.name] = tuple(reasons or [min(rule.scores, key=p_i.__getitem__)])
+                    reasons = [n for n in rule.members if p_i[n] < rule.reason_alpha]
+                    flags[rule.name] = tuple(reasons or [min(rule.members, key=p_i.__getitem__)])
             detections.append(Detection(
                 predicted_class=int(classes[i]), probabilities=probabilities[i], scores=dict(zip(names, score_row)),
                 p_values=p_i, statistics={n: s[i] for n, s in stats.items()}, flags=flags,

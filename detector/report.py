@@ -86,7 +86,7 @@ def write_report(out: Path, manifest: Manifest, fit_scores: dict[str, np.ndarray
         figures.append(("Activation-space map (introspection codes over the estimated log10 error)", "activation_map.png"))
     rows = "".join(
         f"<tr><td>{html.escape(r.name)}</td><td>{t.target_fpr:g}</td><td>{t.value:.4g}</td><td>{t.heldout_fpr:.4f}</td>"
-        f"<td>{html.escape(', '.join(r.scores))}</td></tr>"
+        f"<td>{html.escape(r.describe())}</td></tr>"
         for r in manifest.flags for t in r.thresholds
     )
     body = "".join(f"<h2>{html.escape(title)}</h2><img src='{name}' alt='{html.escape(title)}'>" for title, name in figures)
@@ -102,7 +102,7 @@ def write_report(out: Path, manifest: Manifest, fit_scores: dict[str, np.ndarray
 <p>Model <code>{html.escape(manifest.model.file_name)}</code> (sha256 {manifest.model.sha256[:16]}...), data
 <code>{html.escape(manifest.data.spec)}</code>: {manifest.data.n_samples} clean inputs, fit {manifest.data.n_fit},
 references {manifest.data.n_reference}, thresholds {manifest.data.n_threshold}, seed {manifest.data.seed}.</p>
-<h2>Thresholds</h2><table><tr><th>flag</th><th>target FPR</th><th>threshold</th><th>held-out FPR</th><th>fused scores</th></tr>{rows}</table>
+<h2>Thresholds</h2><table><tr><th>flag</th><th>target FPR</th><th>threshold</th><th>held-out FPR</th><th>statistic</th></tr>{rows}</table>
 <h2>Captured layers and their readers</h2><p>Channel means are computed inside the ONNX Runtime run (a ReduceMean over
 the axes after the channel axis); topology: induced persistence and Betti density.</p>
 <table><tr><th>layer</th><th>read as</th><th>shape per input</th><th>read by</th></tr>{layer_rows}</table>

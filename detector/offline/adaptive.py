@@ -193,7 +193,7 @@ def _objective(mirror: DetectorMirror, xt: torch.Tensor, y: torch.Tensor, lam: f
     if lam == 0.0:
         logits, _ = mirror.classify(xt)
         return _margin(logits, y, kappa), logits.detach().argmax(dim=1) != y, None
-    out = mirror(xt, scores=list(mirror.rules[rule].scores))
+    out = mirror(xt, scores=mirror.rules[rule].members)
     statistic = out.statistics[rule]
     detect = torch.relu(statistic / threshold - (1.0 - slack))
     return _margin(out.logits, y, kappa) + lam * detect, out.logits.detach().argmax(dim=1) != y, statistic.detach()
@@ -203,7 +203,7 @@ def _gradient(mirror: DetectorMirror, xt: torch.Tensor, y: torch.Tensor, lam: fl
               orthogonal: bool, rule: str) -> torch.Tensor:
     if not orthogonal:
         return torch.autograd.grad(_objective(mirror, xt, y, lam, threshold, kappa, rule)[0].sum(), xt)[0]
-    out = mirror(xt, scores=list(mirror.rules[rule].scores))
+    out = mirror(xt, scores=mirror.rules[rule].members)
     margin, detect = _margin(out.logits, y, kappa), out.statistics[rule] / threshold
     g_margin = torch.autograd.grad(margin.sum(), xt, retain_graph=True)[0]
     g_detect = torch.autograd.grad(detect.sum(), xt)[0]

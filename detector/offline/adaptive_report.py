@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from detector.data import Dataset
 from detector.errors import InvalidInput
+from detector.manifest import FlagRule
 from detector.offline.adaptive import (Budget, Judge, Record, boundary_attack, clean_starts, cw_l2_attack, ddn_attack,
                                        pgd_attack, square_attack)
 from detector.offline.attacks import round_to_grid
@@ -113,9 +114,9 @@ def adaptive_evaluate(detector: Detector, data: Dataset, config: AdaptiveConfig 
     pool = np.setdiff1d(np.flatnonzero(correct), chosen)
     mirror = DetectorMirror(detector)  # raises when a scorer kind has no mirror
     with torch.no_grad():
-        mirrored = mirror(torch.from_numpy(x), scores=list(flag.scores)).statistics[config.rule].numpy()
+        mirrored = mirror(torch.from_numpy(x), scores=flag.members).statistics[config.rule].numpy()
     fidelity = float(np.max(np.abs(mirrored - statistic[chosen]) / np.maximum(np.abs(statistic[chosen]), 1e-3)))
-    say(f"{len(x)} inputs; mirror of {', '.join(flag.scores)} within {fidelity:.1e} (relative)")
+    say(f"{len(x)} inputs; mirror of {', '.join(flag.members)} within {fidelity:.1e} (relative)")
     runs = _Runs({}, {})
 
     def judge(name: str) -> Judge:
@@ -165,12 +166,11 @@ def adaptive_evaluate(detector: Detector, data: Dataset, config: AdaptiveConfig 
     starts = clean_starts(detector, x, y, x_all[pool], data.y[pool], fpr=top, rule=config.rule)
     timed("boundary", lambda: [boundary_attack(mirror, boundary, x, starts, fpr=f, lam=config.lambdas[-1],
                                                rounds=12, rule=config.rule) for f in fprs])
-    return _table(detector, data, config, fprs, runs, x, kept, fidelity, list(flag.scores), flag.fusion,
-                  time.time() - started)
+    return _table(detector, data, config, fprs, runs, x, kept, fidelity, flag, time.time() - started)
 
 
 def _table(detector: Detector, data: Dataset, config: AdaptiveConfig, fprs: tuple[float, ...], runs: _Runs,
-           x: np.ndarray, kept: dict, fidelity: float, members: list[str], fusion: str, seconds: float) -> dict:
+           x: np.ndarray, kept: dict, fidelity: float, flag: FlagRule, seconds: float) -> dict:
     """The results table of :func:`adaptive_evaluate` from its judges' records."""
     j = {name: judge.record for name, judge in runs.judges.items()}
     scores = list(detector.score_names)
@@ -203,7 +203,8 @@ def _table(detector: Detector, data: Dataset, config: AdaptiveConfig, fprs: tupl
                for side, record in (("plain", plain_all), ("adaptive", aware_all))}
     return {
         "model": "", "data": data.name, "n_inputs": len(x), "config": config.model_dump(), "fprs": list(fprs),
-        "flag": {"name": config.rule, "scores": members, "fusion": fusion}, "scores": scores,
+        "flag": {"name": config.rule, "scores": flag.scores, "fusion": flag.fusion, "screen": flag.screen,
+                 "rule": flag.describe()}, "scores": scores,
         "mirror_max_relative_error": fidelity, "clean_unflagged": kept, "median_cw_l2": median_cw,
         "l2_at_half_evasion": at_half, "rows": rows, "checks": _sanity(rows, fprs),
         "l2_distances": {side: {f"{f:g}": record.l2[f"fused@{f:g}"].tolist() for f in fprs}
@@ -237,8 +238,8 @@ def adaptive_markdown(table: dict, command: str = "") -> str:
     if command:
         lines += [f"Command: `{command}`", ""]
     lines += [
-        f"- {table['n_inputs']} correctly classified inputs attacked; the `{flag['name']}` flag fuses "
-        f"{', '.join(flag['scores'])} with {flag['fusion']}; the differentiable mirror covers every one of them "
+        f"- {table['n_inputs']} correctly classified inputs attacked; the `{flag['name']}` flag is {flag['rule']}; "
+        "the differentiable mirror covers every one of them "
         f"(fused statistic within {table['mirror_max_relative_error']:.1e}, relative, of the served detector on these inputs).",
         "- Clean accuracy kept (correct and not flagged, every clean input given): "
         + ", ".join(f"{table['clean_unflagged'][f]:.3f} at {float(f):.0%} FPR" for f in fprs) + ".",

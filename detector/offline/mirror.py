@@ -26,13 +26,14 @@ Nothing here runs when serving: this module imports torch and lives under ``dete
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from detector.conformal import ConformalCalibrator
 from detector.errors import InvalidInput
+from detector.manifest import FlagRule
 from detector.gaussian import ClassConditionalGaussian
 from detector.offline.mirror_topology import TopologyMirror, straight_through
 from detector.offline.torch_onnx import onnx_to_torch
@@ -415,20 +416,33 @@ class SmoothConformal:
         return straight_through(hard, soft)
 
 
-def fuse(method: str, log_p_values: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
+def fuse(rule: FlagRule, log_p: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """A flag rule's statistic of log p-values, as :class:`detector.conformal.Fusion`: higher = more suspicious.
 
-    ``"fisher"``: -2 sum_j w_j log p_j (w_j = 1 without ``weights``); ``"min"``: -log min p = max(-log p);
-    ``"harmonic"``: mean 1 / p = mean exp(-log p).
+    ``"fisher"``: T = -2 sum_j w_j log p_j (w_j = 1 without ``weights``); ``"min"``: T = -log min p = max(-log p);
+    ``"harmonic"``: T = mean 1 / p = mean exp(-log p). With a screen s of share c: -log min(P(T) / (1 - c), p_s / c),
+    P(T) the group's p-value under independence (:meth:`detector.conformal.Fusion.group_p_value`).
     """
-    log_p = torch.stack(list(log_p_values), dim=1)
-    if method == "fisher":
-        return -2.0 * (log_p if weights is None else log_p * _tensor(np.asarray(weights))).sum(dim=1)
-    if method == "min":
-        return -log_p.min(dim=1).values
-    if method == "harmonic":
-        return torch.exp(-log_p).mean(dim=1)
-    raise InvalidInput(f"the mirror knows the fusions fisher, min and harmonic, not {method!r}")
+    group = torch.stack([log_p[n] for n in rule.scores], dim=1)
+    if rule.fusion == "fisher":
+        t = -2.0 * (group if rule.weights is None else group * _tensor(np.asarray(rule.weights))).sum(dim=1)
+    elif rule.fusion == "min":
+        t = -group.min(dim=1).values
+    elif rule.fusion == "harmonic":
+        t = torch.exp(-group).mean(dim=1)
+    else:
+        raise InvalidInput(f"the mirror knows the fusions fisher, min and harmonic, not {rule.fusion!r}")
+    if rule.screen is None:
+        return t
+    k, share = len(rule.scores), rule.screen_share
+    if rule.fusion == "fisher":
+        a = float(k if rule.weights is None else sum(rule.weights))
+        log_group_p = torch.log(torch.special.gammaincc(torch.tensor(a, dtype=t.dtype), t / 2.0))
+    elif rule.fusion == "min":
+        log_group_p = torch.clamp(np.log(k) - t, max=0.0)
+    else:
+        log_group_p = torch.clamp(-torch.log(t), max=0.0)
+    return -torch.minimum(log_group_p - np.log1p(-share), log_p[rule.screen] - np.log(share))
 
 
 class DetectorMirror:
@@ -497,8 +511,7 @@ class DetectorMirror:
                 raw.update(mirror(run))
         raw = {n: s for n, s in raw.items() if n in wanted}
         log_p = {n: self._conformal[n](s, run.predicted) for n, s in raw.items()}
-        statistics = {name: fuse(rule.fusion, [log_p[n] for n in rule.scores], rule.weights)
-                      for name, rule in self.rules.items() if set(rule.scores) <= set(log_p)}
+        statistics = {name: fuse(rule, log_p) for name, rule in self.rules.items() if set(rule.members) <= set(log_p)}
         return MirrorOutput(logits, run.predicted, raw, log_p, statistics)
 
     __call__ = forward

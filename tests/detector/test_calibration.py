@@ -14,6 +14,7 @@ from detector import BaselineError, load_dataset
 from detector.baseline import read_baseline
 from detector.calibration import ADVERSARIAL_SCORES, CalibrationConfig, calibrate, fit_split
 from detector.conformal import split_held_out
+from detector.manifest import FlagRule
 from detector.cli import main
 from detector.pipeline import Detector
 
@@ -26,7 +27,7 @@ def test_artifact_layout_and_manifest(cnn_baseline):
     out, manifest = cnn_baseline
     assert {p.name for p in out.iterdir()} >= {"manifest.json", "arrays.npz", "introspection.onnx"}
     raw = json.loads((out / "manifest.json").read_text())
-    assert raw["schema_version"] == 1 and raw["model"]["sha256"] == manifest.model.sha256
+    assert raw["schema_version"] == 2 and raw["model"]["sha256"] == manifest.model.sha256
     assert [s["kind"] for s in raw["scorers"]] == ["induced_persistence", "betti_density", "introspection",
                                                    "max_softmax", "mahalanobis", "knn", "nonzero_pixels", "energy",
                                                    "feature_squeezing", "layerwise_knn", "layerwise_mahalanobis",
@@ -107,6 +108,15 @@ def test_uncalibrated_fpr_is_refused(detector):
         detector.detect(load_dataset("digits:test").x[:2], fpr=0.2)
 
 
+def test_a_flag_rule_names_its_screen_with_a_share():
+    rule = dict(name="f", scores=["a", "b"], fusion="fisher", thresholds=[], default_fpr=0.01)
+    with pytest.raises(ValueError, match="screen and screen_share go together"):
+        FlagRule(**rule, screen="c")
+    screened = FlagRule(**rule, screen="c", screen_share=0.25)
+    assert screened.members == ["a", "b", "c"] and FlagRule(**rule).members == ["a", "b"]
+    assert screened.describe() == "fisher over a, b OR screen c (share 0.25)"
+
+
 def test_a_baseline_for_another_model_is_refused(demo_models, cnn_baseline):
     with pytest.raises(BaselineError, match="calibrated for model digits_cnn.onnx.*calibrate a baseline for this model"):
         Detector.load(demo_models / "digits_mlp.onnx", cnn_baseline[0])
@@ -118,7 +128,7 @@ def test_newer_schema_missing_and_corrupt_files_are_refused(demo_models, cnn_bas
     shutil.copytree(cnn_baseline[0], broken)
     raw = json.loads((broken / "manifest.json").read_text())
     (broken / "manifest.json").write_text(json.dumps({**raw, "schema_version": 99}))
-    with pytest.raises(BaselineError, match="schema_version 99, newer than the 1 this advdetect reads"):
+    with pytest.raises(BaselineError, match="schema_version 99, newer than the 2 this advdetect reads"):
         Detector.load(model, broken)
     (broken / "manifest.json").write_text("{not json")
     with pytest.raises(BaselineError, match="corrupt: not valid JSON"):
@@ -218,7 +228,16 @@ def test_cli_calibrate_without_tuning_attacks_keeps_the_default_fusion(demo_mode
     rule = next(r for r in read_baseline(tmp_path / "b")[0].flags if r.name == "adversarial")
     assert rule.scores == list(ADVERSARIAL_SCORES) and rule.fusion == "fisher" and rule.weights is None
     assert rule.selection == "default members (no tuning attacks)"
-    assert "flag adversarial: fisher over induced_persistence" in capsys.readouterr().out
+    assert (rule.screen, rule.screen_share) == ("patch_pca", 0.2)  # the screen does not need attacks
+    assert ("flag adversarial: fisher over induced_persistence, betti_density, introspection_reconstruction, "
+            "max_softmax OR screen patch_pca (share 0.2)") in capsys.readouterr().out
+    assert main(["calibrate", "--model", str(demo_models / "digits_cnn.onnx"), "--data", "digits:calib",
+                 "--out", str(tmp_path / "c"), "--tuning-attacks", "none", "--screen", "none", "--quiet"]) == 0
+    unscreened = next(r for r in read_baseline(tmp_path / "c")[0].flags if r.name == "adversarial")
+    assert unscreened.screen is None and unscreened.members == rule.scores
+    assert main(["calibrate", "--model", str(demo_models / "digits_cnn.onnx"), "--data", "digits:calib",
+                 "--out", str(tmp_path / "d"), "--screen-share", "1.5", "--quiet"]) == 2
+    assert "screen_share: Input should be less than 1" in capsys.readouterr().err
 
 
 def test_the_fit_split_is_capped_per_class_and_the_rest_is_held_out():

@@ -18,6 +18,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy.special import gammaincc
 from scipy.stats import chi2
 
 from detector import InvalidInput, NotReady, OnnxClassifier
@@ -156,6 +157,25 @@ def test_fusion_rules_on_hand_made_p_values():
             Fusion().combine(bad)
     with pytest.raises(InvalidInput, match="fusion method"):
         Fusion("mean").combine(p)
+
+
+def test_a_screen_is_or_ed_with_the_group_by_weighted_bonferroni():
+    p = np.array([[0.5, 0.5, 1.0], [0.5, 0.5, 0.002], [0.01, 0.02, 0.9]])
+    screened = Fusion("fisher", screen_share=0.2).combine(p)
+    group_p = chi2.sf(Fusion("fisher").combine(p[:, :2]), 4)  # Fisher's chi-square(2k) p-value of the group
+    np.testing.assert_allclose(screened, -np.log(np.minimum(group_p / 0.8, p[:, 2] / 0.2)))
+    assert screened[1] == pytest.approx(-math.log(0.002 / 0.2))  # the screen alone fires, undiluted
+    assert screened[2] == pytest.approx(-math.log(group_p[2] / 0.8))  # the group fires, the screen's 0.9 ignored
+    weighted = Fusion("fisher", [2.0, 1.0], screen_share=0.5).combine(p)
+    assert weighted[0] == pytest.approx(-math.log(gammaincc(3.0, -(2 * math.log(0.5) + math.log(0.5))) / 0.5))
+    np.testing.assert_allclose(Fusion("min", screen_share=0.5).combine(p),
+                               -np.log(np.minimum(np.minimum(1, 2 * p[:, :2].min(axis=1)), p[:, 2]) / 0.5))
+    with pytest.raises(InvalidInput, match="screen_share must lie in"):
+        Fusion("fisher", screen_share=1.0)
+    with pytest.raises(InvalidInput, match="besides the screen's"):
+        Fusion("fisher", screen_share=0.2).combine(p[:, :1])
+    with pytest.raises(InvalidInput, match="2 weights for 1 p-values"):
+        Fusion("fisher", [1.0, 1.0], screen_share=0.2).combine(p[:, 1:])
 
 
 def test_conformal_quantile_threshold_closed_form():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from detector.conformal import Fusion
+from detector.manifest import FlagRule
 
 torch.set_num_threads(1)
 
@@ -69,9 +69,15 @@ def test_fusion_matches_the_serving_fusion():
     from detector.offline.mirror import fuse
 
     p = np.random.default_rng(0).uniform(1e-4, 1.0, size=(20, 3))
-    for method in ("fisher", "min", "harmonic"):
-        ours = fuse(method, [torch.from_numpy(np.log(p[:, j])) for j in range(3)]).numpy()
-        assert np.allclose(ours, Fusion(method).combine(p), rtol=1e-12)
+    log_p = {name: torch.from_numpy(np.log(p[:, j])) for j, name in enumerate("abc")}
+    for method, weights in (("fisher", None), ("fisher", [2.0, 0.5]), ("min", None), ("harmonic", None)):
+        for screen in (None, "c"):
+            rule = FlagRule(name="f", scores=["a", "b"] if screen else ["a", "b", "c"], fusion=method, weights=weights,
+                            thresholds=[], default_fpr=0.01, screen=screen, screen_share=0.2 if screen else None)
+            if weights and not screen:
+                continue
+            served = rule.fusion_op().combine(p)
+            assert np.allclose(fuse(rule, log_p).numpy(), served, rtol=1e-10), (method, weights, screen)
 
 
 def _noisy_rows(clean_and_attacked: np.ndarray, rows: tuple[int, ...], seed: int = 0):
@@ -128,6 +134,8 @@ def test_score_and_p_value_gradients_match_finite_differences(cnn_detector, clea
     # differences see steps where the mirror sees the identity
     names = ["introspection_reconstruction", "introspection_error", "max_softmax", "mahalanobis", "knn", "energy",
              "layerwise_mahalanobis", "layerwise_knn", "trust_score", "patch_pca"]
+    screened = FlagRule(name="f", scores=["max_softmax", "introspection_error"], fusion="fisher", weights=[2.0, 0.5],
+                        thresholds=[], default_fpr=0.01, screen="patch_pca", screen_share=0.2)
     agree = 0
     for x, v in _noisy_rows(clean_and_attacked, (0, 3, 31, 34)):
         with torch.no_grad():
@@ -136,7 +144,7 @@ def test_score_and_p_value_gradients_match_finite_differences(cnn_detector, clea
         def total(xt: torch.Tensor) -> torch.Tensor:
             out = smooth(xt, scores=names)
             return (sum(out.scores[n].sum() / scale[n] for n in names) - out.log_p_values["knn"].sum()
-                    + fuse("fisher", [out.log_p_values[n] for n in ("max_softmax", "introspection_error")], (2.0, 0.5)).sum())
+                    + fuse(screened, out.log_p_values).sum())
 
         analytic, numeric = _directional(total, x, v)
         agree += abs(analytic - numeric) <= 0.05 * abs(numeric) + 1e-3
