@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/calibration_memory.py resnet50 1000
     .venv/bin/python bench/calibration_memory.py resnet50 5000
+    .venv/bin/python bench/calibration_memory.py resnet50 5000 --max-fit-per-class 50
 
 The model and data are `bench/scale.py`'s (the same seeded random architecture and uint8 MNIST inputs, read
 batch by batch from an uncompressed .npz); they are made in a child process, whose memory does not count, and
@@ -22,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import detector.calibration  # noqa: E402
+from detector.calibration import CalibrationConfig  # noqa: E402
 from bench.scale import ARCHS, _export, _lazy, _write_data  # noqa: E402
 
 
@@ -56,6 +58,8 @@ def main() -> None:
     parser.add_argument("arch", choices=list(ARCHS))
     parser.add_argument("inputs", type=int, help="clean inputs to calibrate on (at most 5,000)")
     parser.add_argument("--work", type=Path, default=Path("build/bench/memory"))
+    parser.add_argument("--max-fit-per-class", type=int, default=CalibrationConfig().max_fit_per_class,
+                        help="CalibrationConfig.max_fit_per_class (default: its default)")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     size = ARCHS[args.arch]
@@ -67,8 +71,9 @@ def main() -> None:
         if child.exitcode != 0:
             sys.exit(f"preparing {model} and {data} failed (exit code {child.exitcode})")
     detector.calibration.tqdm = _StepMemory  # calibrate reports its steps through its progress bar
-    detector.calibration.calibrate(model, _lazy(data, args.inputs), args.work / f"{args.arch}-{args.inputs}",
-                                   detector.calibration.CalibrationConfig(progress=True))
+    config = CalibrationConfig(max_fit_per_class=args.max_fit_per_class, progress=True)
+    suffix = "" if config.max_fit_per_class == CalibrationConfig().max_fit_per_class else f"-fit{config.max_fit_per_class}"
+    detector.calibration.calibrate(model, _lazy(data, args.inputs), args.work / f"{args.arch}-{args.inputs}{suffix}", config)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ Reads ``build/bench/quality-<model>/p_values.npz`` (every score's conformal p-va
 and the successful 8-bit adversarial examples of each attack) and the baseline's manifest, and writes
 ``bench/results/fusion-ablation-<model>.md``: AUROC and TPR at 5 % FPR per attack for
 
-- ``chosen``: the rule calibration chose on its own split (manifest), the one the service uses;
+- ``chosen``: the rule calibration chose on its own split (manifest), the one the service uses; then the same
+  rule without its screen, or, for a baseline made before screens, with the default one (``CalibrationConfig``'s
+  ``adversarial_screen`` and ``screen_share``: a deterministic function of the same p-values, so what
+  calibrating again would give; the screen is fixed beforehand, not chosen);
 - ``fisher_default``: Fisher over the four default members (induced persistence, Betti density,
   introspection reconstruction, max-softmax), no attack data;
 - ``fisher_all`` / ``min_all``: Fisher / minimum p (Tippett) over every candidate score;
@@ -60,9 +63,12 @@ def run(model: str) -> None:
     tuning = [a for a in TUNING if a in data]
     weights = logistic_weights(np.concatenate([_stack(data[a][0], names) for a in tuning]),
                                np.concatenate([_stack(data[a][1], names) for a in tuning]))
+    config = CalibrationConfig()
+    other = (rule.model_copy(update={"screen": None, "screen_share": None}) if rule.screen else
+             rule.model_copy(update={"screen": config.adversarial_screen, "screen_share": config.screen_share}))
     variants = {
         "chosen": (rule.members, rule.fusion_op()),
-        "chosen without its screen": (rule.scores, Fusion(rule.fusion, rule.weights)),
+        f"chosen {'without its screen' if rule.screen else 'with the default screen'}": (other.members, other.fusion_op()),
         "fisher_default": (list(ADVERSARIAL_SCORES), Fusion("fisher")),
         "fisher_all": (names, Fusion("fisher")),
         "min_all": (names, Fusion("min")),

@@ -158,8 +158,11 @@ class CalibrationConfig(BaseModel):
         Default: patch PCA, the pixel statistic that sees what the feature scores miss (8-bit CW kappa=10), kept
         out of the Fisher sum, where an adaptive attacker who keeps it clean at no cost diluted the rest.
     screen_share : float in (0, 1)
-        The share of the false-positive rate the screen spends (weighted Bonferroni). 0.2: under an adaptive
-        attacker who keeps the screen clean, the fusion is held to about 0.8 of the target rate.
+        The share of the false-positive rate the screen spends (weighted Bonferroni). An adaptive attacker keeps
+        the screen clean at no cost, and the fusion is then held to about 1 - share of the target rate: at 0.2,
+        LeNet-5's adaptive evasion at eps 0.3 and 5 % FPR rose from 40 % to 49 %. The screen fires on p-values
+        near their floor, so a small share keeps most of what it sees (LeNet-5's CW kappa=10: 0.986 AUROC at 0.2,
+        0.979 at 0.05).
     progress : bool
         Show progress bars.
     """
@@ -179,7 +182,7 @@ class CalibrationConfig(BaseModel):
     window_size: int = Field(128, ge=8)
     tuning_attacks: tuple[str, ...] = ("fgsm", "fgsm_foreground")
     adversarial_screen: str | None = "patch_pca"
-    screen_share: float = Field(0.2, gt=0, lt=1)
+    screen_share: float = Field(0.05, gt=0, lt=1)
     progress: bool = True
 
 

@@ -295,8 +295,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--screen", default=None,
                    help="score OR-ed with the adversarial fusion instead of fused into it (default patch_pca, "
                         "for image inputs; 'none': no screen)")
-    p.add_argument("--screen-share", type=float, default=0.2,
-                   help="share of the false-positive rate the screen spends (default 0.2)")
+    p.add_argument("--screen-share", type=float, default=0.05,
+                   help="share of the false-positive rate the screen spends (default 0.05)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_calibrate)
 

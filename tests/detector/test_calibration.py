@@ -228,9 +228,9 @@ def test_cli_calibrate_without_tuning_attacks_keeps_the_default_fusion(demo_mode
     rule = next(r for r in read_baseline(tmp_path / "b")[0].flags if r.name == "adversarial")
     assert rule.scores == list(ADVERSARIAL_SCORES) and rule.fusion == "fisher" and rule.weights is None
     assert rule.selection == "default members (no tuning attacks)"
-    assert (rule.screen, rule.screen_share) == ("patch_pca", 0.2)  # the screen does not need attacks
+    assert (rule.screen, rule.screen_share) == ("patch_pca", 0.05)  # the screen does not need attacks
     assert ("flag adversarial: fisher over induced_persistence, betti_density, introspection_reconstruction, "
-            "max_softmax OR screen patch_pca (share 0.2)") in capsys.readouterr().out
+            "max_softmax OR screen patch_pca (share 0.05)") in capsys.readouterr().out
     assert main(["calibrate", "--model", str(demo_models / "digits_cnn.onnx"), "--data", "digits:calib",
                  "--out", str(tmp_path / "c"), "--tuning-attacks", "none", "--screen", "none", "--quiet"]) == 0
     unscreened = next(r for r in read_baseline(tmp_path / "c")[0].flags if r.name == "adversarial")

@@ -147,7 +147,7 @@ def test_calibration_streams_a_lazily_read_npz_to_the_same_baseline(demo_models,
 def test_a_detector_of_the_flagged_scores_only_flags_the_same(demo_models, cnn_baseline):
     full = Detector.load(demo_models / "digits_cnn.onnx", cnn_baseline[0])
     lean = Detector.load(demo_models / "digits_cnn.onnx", cnn_baseline[0], flagged_scores_only=True)
-    flagged = {n for rule in full.manifest.flags for n in rule.scores}
+    flagged = {n for rule in full.manifest.flags for n in rule.members}
     assert flagged <= set(lean.score_names) < set(full.score_names)
     assert all(flagged & set(s.score_names) for s in lean.scorers)
     x = load_dataset("digits:test").x
