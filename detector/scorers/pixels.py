@@ -11,8 +11,11 @@ here it is not the border. CW-L2 spreads its change thinly over the digit, and r
 that as a texture of a few grey levels that clean strokes lack. An attacker who knows the scorer can avoid
 it, as Carlini & Wagner did, and ours did: fused into LeNet-5's ``adversarial`` flag it cut the share of the
 adaptive attacker's misclassified inputs still flagged (eps 0.3 on the digit, 5 % FPR) from 0.53 to 0.22, and
-alone it let 85 % of them through (``bench/results/adaptive-lenet5-patch-pca.md``). So it is a peer that
-``bench/quality.py`` reports beside the others, not a member the flags may fuse.
+alone it let 85 % of them through (``bench/results/adaptive-lenet5-patch-pca.md``). So no flag fuses it. It
+is a peer that ``bench/quality.py`` reports beside the others, and the ``adversarial`` flag's screen: OR-ed
+with the fusion for a small share of the false-positive rate (:class:`detector.conformal.Fusion`), it catches
+what attackers who ignore it leave in the pixels, and an attacker who keeps it clean only takes that share
+from the fusion.
 
 On images whose channels are copies of one grey channel (MNIST padded to 32x32 and repeated to 3 channels),
 clean patches use a third of the patch dimensions, so any change that treats the channels unequally scores
