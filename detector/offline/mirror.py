@@ -33,8 +33,8 @@ import torch
 
 from detector.conformal import ConformalCalibrator
 from detector.errors import InvalidInput
-from detector.manifest import FlagRule
 from detector.gaussian import ClassConditionalGaussian
+from detector.manifest import FlagRule
 from detector.offline.mirror_topology import TopologyMirror, straight_through
 from detector.offline.torch_onnx import onnx_to_torch
 from detector.pipeline import Detector

@@ -50,7 +50,7 @@ def test_mirror_reproduces_every_score_p_value_and_statistic(cnn_detector, cnn_m
 
 
 def _members(detector, rule_name: str) -> list[str]:
-    return list(next(r for r in detector.manifest.flags if r.name == rule_name).scores)
+    return list(next(r for r in detector.manifest.flags if r.name == rule_name).members)
 
 
 def test_a_subset_of_scores_gives_only_their_rules(cnn_detector, cnn_mirror, clean_and_attacked):
@@ -59,7 +59,7 @@ def test_a_subset_of_scores_gives_only_their_rules(cnn_detector, cnn_mirror, cle
     with torch.no_grad():
         out = cnn_mirror(torch.from_numpy(clean_and_attacked[:4]), scores=members)
     assert set(out.scores) == set(members)
-    assert set(out.statistics) == {r.name for r in cnn_detector.manifest.flags if set(r.scores) <= set(members)}
+    assert set(out.statistics) == {r.name for r in cnn_detector.manifest.flags if set(r.members) <= set(members)}
     assert "likely_misclassified" in out.statistics
     with pytest.raises(Exception, match="unknown scores"):
         cnn_mirror(torch.from_numpy(clean_and_attacked[:1]), scores=["no_such_score"])
