@@ -34,7 +34,7 @@ from typing import Sequence
 
 import numba
 import numpy as np
-from scipy.special import gammaincc
+from scipy.special import gammaincc, gammaln
 
 from detector.errors import InvalidInput, NotReady
 
@@ -42,6 +42,8 @@ __all__ = ["CalibratorStack", "ConformalCalibrator", "Fusion", "split_held_out",
 
 #: Fusion rules understood by :class:`Fusion`.
 FUSION_METHODS = ("fisher", "min", "harmonic")
+#: Smallest group p-value :meth:`Fusion.log_group_p_value` takes from the Gamma tail before its asymptote.
+TINY = 1e-300
 
 
 def _as_classes(classes: np.ndarray, n: int, n_classes: int) -> np.ndarray:
@@ -356,17 +358,23 @@ class Fusion:
         if self.screen_share is None:
             return self._group(p)
         s = self.screen_share
-        group_p = self.group_p_value(self._group(p[:, :-1]), p.shape[1] - 1)
-        return -np.log(np.minimum(group_p / (1.0 - s), p[:, -1] / s))
+        log_group_p = self.log_group_p_value(self._group(p[:, :-1]), p.shape[1] - 1)
+        return np.maximum(math.log1p(-s) - log_group_p, math.log(s) - np.log(p[:, -1]))
 
-    def group_p_value(self, statistic: np.ndarray, k: int) -> np.ndarray:
-        """P(T) of ``screen_share``: the p-value of a group statistic T of k members under independence."""
+    def log_group_p_value(self, statistic: np.ndarray, k: int) -> np.ndarray:
+        """log P(T) of ``screen_share``: the p-value of a group statistic T of k members under independence.
+
+        Fisher's Gamma tail Q(a, x), x = T / 2, underflows for x > ~700 (conformal p-values extrapolated past
+        the largest reference score get that small); there its leading term x^(a-1) e^-x / Gamma(a) is used
+        (relative error about (a - 1) / x, under 1 %)."""
         if self.method == "fisher":
             a = k if self.weights is None else float(self.weights.sum())
-            return gammaincc(a, statistic / 2.0)
+            x = statistic / 2.0
+            q = gammaincc(a, x)  # the asymptote's branch is taken only where x > 700: the clip is never read
+            return np.where(q > TINY, np.log(np.maximum(q, TINY)), (a - 1.0) * np.log(np.maximum(x, 1.0)) - x - gammaln(a))
         if self.method == "min":
-            return np.minimum(1.0, k * np.exp(-statistic))
-        return np.minimum(1.0, 1.0 / statistic)
+            return np.minimum(0.0, math.log(k) - statistic)
+        return np.minimum(0.0, -np.log(statistic))
 
     def _group(self, p: np.ndarray) -> np.ndarray:
         if self.method == "fisher":

@@ -25,13 +25,14 @@ Nothing here runs when serving: this module imports torch and lives under ``dete
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from detector.conformal import ConformalCalibrator
+from detector.conformal import TINY, ConformalCalibrator
 from detector.errors import InvalidInput
 from detector.gaussian import ClassConditionalGaussian
 from detector.manifest import FlagRule
@@ -421,7 +422,7 @@ def fuse(rule: FlagRule, log_p: Mapping[str, torch.Tensor]) -> torch.Tensor:
 
     ``"fisher"``: T = -2 sum_j w_j log p_j (w_j = 1 without ``weights``); ``"min"``: T = -log min p = max(-log p);
     ``"harmonic"``: T = mean 1 / p = mean exp(-log p). With a screen s of share c: -log min(P(T) / (1 - c), p_s / c),
-    P(T) the group's p-value under independence (:meth:`detector.conformal.Fusion.group_p_value`).
+    P(T) the group's p-value under independence (:meth:`detector.conformal.Fusion.log_group_p_value`).
     """
     group = torch.stack([log_p[n] for n in rule.scores], dim=1)
     if rule.fusion == "fisher":
@@ -436,8 +437,10 @@ def fuse(rule: FlagRule, log_p: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return t
     k, share = len(rule.scores), rule.screen_share
     if rule.fusion == "fisher":
-        a = float(k if rule.weights is None else sum(rule.weights))
-        log_group_p = torch.log(torch.special.gammaincc(torch.tensor(a, dtype=t.dtype), t / 2.0))
+        a, x = float(k if rule.weights is None else sum(rule.weights)), t / 2.0
+        q = torch.special.gammaincc(torch.tensor(a, dtype=t.dtype), x)
+        log_group_p = torch.where(q > TINY, torch.log(torch.clamp(q, min=TINY)),
+                                  (a - 1.0) * torch.log(torch.clamp(x, min=1.0)) - x - math.lgamma(a))
     elif rule.fusion == "min":
         log_group_p = torch.clamp(np.log(k) - t, max=0.0)
     else:

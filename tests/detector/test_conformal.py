@@ -170,6 +170,13 @@ def test_a_screen_is_or_ed_with_the_group_by_weighted_bonferroni():
     assert weighted[0] == pytest.approx(-math.log(gammaincc(3.0, -(2 * math.log(0.5) + math.log(0.5))) / 0.5))
     np.testing.assert_allclose(Fusion("min", screen_share=0.5).combine(p),
                                -np.log(np.minimum(np.minimum(1, 2 * p[:, :2].min(axis=1)), p[:, 2]) / 0.5))
+    # p-values extrapolated past the largest reference score: the Gamma tail underflows, its asymptote takes over
+    tiny = np.array([[1e-200, 1e-200, 0.5], [1e-300, 1e-300, 0.5], [1.0, 1.0, 1.0]])
+    far = Fusion("fisher", screen_share=0.05).combine(tiny)
+    assert np.isfinite(far).all() and far[0] < far[1]
+    x = -np.log(1e-200) * 2  # T / 2 for the first row
+    assert far[0] == pytest.approx(-(np.log(x) - x - math.log(1.0)) + math.log(0.95), rel=1e-3)  # a = 2: Gamma(2)
+    assert far[2] == pytest.approx(math.log(0.95))  # P(T = 0) = 1 and p_s / s = 20: the group's branch
     with pytest.raises(InvalidInput, match="screen_share must lie in"):
         Fusion("fisher", screen_share=1.0)
     with pytest.raises(InvalidInput, match="besides the screen's"):

@@ -69,6 +69,7 @@ def test_fusion_matches_the_serving_fusion():
     from detector.offline.mirror import fuse
 
     p = np.random.default_rng(0).uniform(1e-4, 1.0, size=(20, 3))
+    p[:3, :2] = [[1e-200, 1e-250], [1e-300, 1e-300], [1.0, 1.0]]  # past the Gamma tail's underflow, and T = 0
     log_p = {name: torch.from_numpy(np.log(p[:, j])) for j, name in enumerate("abc")}
     for method, weights in (("fisher", None), ("fisher", [2.0, 0.5]), ("min", None), ("harmonic", None)):
         for screen in (None, "c"):
@@ -77,6 +78,7 @@ def test_fusion_matches_the_serving_fusion():
             if weights and not screen:
                 continue
             served = rule.fusion_op().combine(p)
+            assert np.isfinite(served).all()
             assert np.allclose(fuse(rule, log_p).numpy(), served, rtol=1e-10), (method, weights, screen)
 
 
