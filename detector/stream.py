@@ -64,9 +64,13 @@ def reduced_capture(model: OnnxClassifier, x: "np.ndarray | LazyImages | Rows", 
 
 
 def reduced_chunks(model: OnnxClassifier, x: Rows, scorers: Sequence[Scorer],
-                   chunk_size: int = 1024) -> Iterator[Capture]:
+                   chunk_size: int = 256) -> Iterator[Capture]:
     """The reduced captures (:func:`reduced_capture`) of ``x[0:chunk_size]``, ``x[chunk_size:2 * chunk_size]``,
-    ..., one at a time, so that a caller keeping only their scores holds one chunk of inputs."""
+    ..., one at a time, so that a caller keeping only their scores holds one chunk of inputs.
+
+    256 inputs: calibrating on 1,000 inputs holds out 500, so a larger chunk would make the held-out step of
+    larger calibrations hold more than theirs (ResNet-50 at 224x224: 0.18 GiB more peak RSS at 1,024).
+    """
     for start in range(0, len(x), chunk_size):
         yield reduced_capture(model, x.select(slice(start, start + chunk_size)), scorers)
 
