@@ -171,7 +171,7 @@ def _serve_child(model: str, baseline: str, data_path: str, repeats: int) -> dic
     med = {k: float(np.median(v[3:]) * 1e3) for k, v in times.items()}
     return {**med, "stages": {m: {k: float(np.median([s[k] for s in v[3:]]) * 1e3) for k in v[0]} for m, v in stages.items()},
             "scores": {m: len(d.score_names) for m, d in modes.items()},
-            "flags": {r.name: r.scores for r in modes["all"].manifest.flags}}
+            "flags": {r.name: r.describe() for r in modes["all"].manifest.flags}}
 
 
 def _child(*args: str) -> dict:
@@ -308,7 +308,7 @@ def main() -> None:
         for mode in ("all", "flagged"):
             added = r[mode] - r["ort"]
             stages = ", ".join(f"{k} {v:.1f}" for k, v in r["stages"][mode].items() if v >= 0.05)
-            fused = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["flags"].items()) if mode == "all" else ""
+            fused = "; ".join(f"{k}: {v}" for k, v in r["flags"].items()) if mode == "all" else ""
             served.append(f"| {name} {size}x{size} | {r['ort']:.1f} | {mode} ({r['scores'][mode]}) | {r[mode]:.1f} "
                           f"| {added:.1f} | {added / r['ort']:.2f}x | {stages} | {fused} |")
             print(served[-1], flush=True)

@@ -324,12 +324,12 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     calibrators = {name: _calibrator(name, config).fit(s[ref_rows], classes[ref_rows], model.n_classes)
                    for name, s in held_scores.items()}
     p_thr = {name: calibrators[name].p_values(s[thr_rows], classes[thr_rows]) for name, s in held_scores.items()}
-    rules = []
+    rules, thr_stats = [], {}
     ref_scores = {name: s[ref_rows] for name, s in held_scores.items()}
     for name, choice in _choose_rules(model_path, model, scorers, ref_scores, Rows(data.x, held_idx[ref_rows]),
                                       data.y[held_idx][ref_rows], classes[ref_rows], config).items():
         rule = FlagRule(name=name, thresholds=[], default_fpr=config.fprs[0], **choice)
-        fused = rule.fusion_op().combine(np.stack([p_thr[n] for n in rule.members], axis=1))
+        fused = thr_stats[name] = rule.fusion_op().combine(np.stack([p_thr[n] for n in rule.members], axis=1))
         thresholds = []
         for fpr in config.fprs:
             value = Fusion.fit_threshold(fused, fpr)
@@ -368,7 +368,6 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     )
     write_baseline(out, manifest, arrays, introspection_onnx)
     begin("writing the report")
-    thr_stats = {r.name: r.fusion_op().combine(np.stack([p_thr[n] for n in r.members], axis=1)) for r in rules}
     write_report(Path(out), manifest, fit_scores, {k: v[thr_rows] for k, v in held_scores.items()}, thr_stats,
                  population.reference_mean_,
                  lambda path: plot_activation_map(points, data.y[held_idx], classes, map_model, path),

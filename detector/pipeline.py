@@ -201,8 +201,8 @@ class Detector:
     def statistics(self, p_values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Fused statistic of every flag rule, each ndarray (n_samples,)."""
         return {
-            rule.name: rule.fusion_op().combine(np.stack([p_values[n] for n in rule.members], axis=1))
-            for rule in self.manifest.flags
+            rule.name: fusion.combine(np.stack([p_values[n] for n in rule.members], axis=1))
+            for rule, fusion, _ in self._rules
         }
 
     def detect(self, x: np.ndarray, fpr: float | None = None) -> DetectionBatch:
