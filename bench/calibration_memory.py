@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/calibration_memory.py resnet50 1000
     .venv/bin/python bench/calibration_memory.py resnet50 5000
-    .venv/bin/python bench/calibration_memory.py resnet50 5000 --max-fit-per-class 50
+    .venv/bin/python bench/calibration_memory.py resnet50 5000 --max-fit-per-class 100
 
 The model and data are `bench/scale.py`'s (the same seeded random architecture and uint8 MNIST inputs, read
 batch by batch from an uncompressed .npz); they are made in a child process, whose memory does not count, and

@@ -285,9 +285,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-edges", type=int, default=DEFAULT_MAX_EDGES,
                    help=f"induced-graph edge budget: the last stages that fit it (default {DEFAULT_MAX_EDGES:,})")
     p.add_argument("--latent-dim", type=int, default=8, help="introspection VAE latent size (default 8)")
-    p.add_argument("--max-fit-per-class", type=int, default=100,
+    p.add_argument("--max-fit-per-class", type=int, default=50,
                    help="the scorers fit on at most this many inputs per class present in the data, on average; "
-                        "the rest are held out (default 100; bounds calibration memory)")
+                        "the rest are held out (default 50; bounds calibration memory)")
     p.add_argument("--tuning-attacks", type=_names, default=None,
                    help="attacks made on calibration data to choose the adversarial fusion (default "
                         "fgsm,fgsm_foreground: CalibrationConfig's; add deepfool,fgsm_minimal_foreground for "
