@@ -2,8 +2,8 @@
 
 - digits CNN: trained on ``digits:train`` (``build_demo_models``), calibrated on ``digits:calib``,
   evaluated on ``digits:test``;
-- LeNet-5: trained on MNIST test-set images [0, 6000) (``train_lenet5``), calibrated on [6000, 8000),
-  evaluated on [8000, 10000) (``mnist``: the t10k set in ``data/mnist``);
+- LeNet-5: trained on ``mnist:train`` (``build_lenet5``), calibrated on ``mnist:calib``, evaluated on
+  ``mnist:test`` (``detector.data.mnist_split``: the t10k set in ``data/mnist`` cut at 6,000 and 8,000);
 - the MNIST-32 models (``MNIST32_MODELS``: narrow ResNet-18, MobileNetV2 and ViT of ``detector.offline.zoo``):
   the same splits padded to 32x32 and repeated to 3 channels (``mnist32``).
 
@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from detector import Dataset, load_dataset  # noqa: E402
+from detector import Dataset  # noqa: E402
+from detector.data import mnist_split  # noqa: E402
 
 MODELS = ROOT / "build" / "models"
 RESULTS = ROOT / "bench" / "results"
-N_TRAIN, N_CALIB_END = 6000, 8000
 
 
 def write_result(name: str, lines: list[str]) -> str:
@@ -40,10 +40,6 @@ def write_result(name: str, lines: list[str]) -> str:
     return text
 
 
-def _part(data: Dataset, start: int, stop: int) -> Dataset:
-    return Dataset(data.x[start:stop], data.y[start:stop], f"mnist[{start}:{stop}]")
-
-
 def digits_cnn() -> tuple[Path, Path]:
     """The digits CNN's ONNX and TorchScript files (built with the demo models when missing)."""
     if not (MODELS / "digits_cnn.onnx").is_file() or not (MODELS / "digits_cnn.pt").is_file():
@@ -53,20 +49,12 @@ def digits_cnn() -> tuple[Path, Path]:
     return MODELS / "digits_cnn.onnx", MODELS / "digits_cnn.pt"
 
 
-def mnist_splits() -> dict[str, Dataset]:
-    """The MNIST test set cut into ``train`` [0, 6000), ``calib`` [6000, 8000) and ``eval`` [8000, 10000)."""
-    mnist = load_dataset("mnist")
-    return {"train": _part(mnist, 0, N_TRAIN), "calib": _part(mnist, N_TRAIN, N_CALIB_END),
-            "eval": _part(mnist, N_CALIB_END, len(mnist))}
-
-
 def lenet5() -> tuple[Path, Path]:
     """LeNet-5's ONNX and TorchScript files (trained on the ``train`` split when missing)."""
     if not (MODELS / "lenet5.onnx").is_file() or not (MODELS / "lenet5.pt").is_file():
-        from detector.offline.demo_models import train_lenet5
+        from detector.offline.demo_models import build_lenet5
 
-        splits = mnist_splits()
-        train_lenet5(splits["train"], splits["eval"], MODELS)
+        build_lenet5(MODELS)
     return MODELS / "lenet5.onnx", MODELS / "lenet5.pt"
 
 
@@ -88,14 +76,14 @@ def _zoo() -> Any:
 
 
 def mnist32_splits() -> dict[str, Dataset]:
-    """``mnist_splits`` padded to 32x32 and repeated to 3 channels (``detector.offline.zoo.mnist32``)."""
+    """``mnist_split`` padded to 32x32 and repeated to 3 channels (``detector.offline.zoo.mnist32``)."""
     zoo = _zoo()
-    return {k: zoo.mnist32(d) for k, d in mnist_splits().items()}
+    return {k: zoo.mnist32(d) for k, d in mnist_split().items()}
 
 
 def mnist32_model(name: str, seed: int = 0) -> tuple[Path, dict[str, Any]]:
     """The ONNX file of the MNIST-32 model ``name`` (a key of ``MNIST32_MODELS``) and its training record
-    (``build/models/<name>.json``: architecture, epochs, lr, seed, parameters, test accuracy on the ``eval`` split,
+    (``build/models/<name>.json``: architecture, epochs, lr, seed, parameters, test accuracy on the ``test`` split,
     seconds); trained on the ``train`` split with ``train_classifier`` when missing."""
     onnx_path, record_path = MODELS / f"{name}.onnx", MODELS / f"{name}.json"
     if not onnx_path.is_file() or not record_path.is_file():
@@ -113,9 +101,9 @@ def mnist32_model(name: str, seed: int = 0) -> tuple[Path, dict[str, Any]]:
                                  progress=lambda e, loss: print(f"{name} epoch {e}/{epochs}: loss {loss:.4f}",
                                                                 file=sys.stderr, flush=True))
         seconds = time.perf_counter() - t0
-        acc = accuracy(model, splits["eval"])
+        acc = accuracy(model, splits["test"])
         MODELS.mkdir(parents=True, exist_ok=True)
-        export_onnx(model, splits["eval"].x, onnx_path)
+        export_onnx(model, splits["test"].x, onnx_path)
         record = {"name": name, "architecture": note, "epochs": epochs, "lr": lr, "seed": seed,
                   "parameters": sum(p.numel() for p in model.parameters()), "test_accuracy": acc,
                   "train_seconds": seconds}

@@ -33,9 +33,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import ROOT, digits_cnn, lenet5, mnist_splits, start_server, write_result  # noqa: E402  (puts ROOT on sys.path)
+from common import ROOT, digits_cnn, lenet5, start_server, write_result  # noqa: E402  (puts ROOT on sys.path)
 
 from detector import load_dataset  # noqa: E402
+from detector.data import mnist_split  # noqa: E402
 
 BASELINES = ROOT / "build" / "baselines"
 
@@ -44,9 +45,9 @@ def _prepare() -> dict[str, tuple[Path, Path, np.ndarray]]:
     """(model, baseline, inputs) per model; trains and calibrates what is missing."""
     from detector.calibration import CalibrationConfig, calibrate
 
-    mnist = mnist_splits()
+    mnist = mnist_split()
     jobs = {"digits_cnn": (digits_cnn()[0], load_dataset("digits:calib"), load_dataset("digits:test").x),
-            "lenet5": (lenet5()[0], mnist["calib"], mnist["eval"].x[:500])}
+            "lenet5": (lenet5()[0], mnist["calib"], mnist["test"].x[:500])}
     out = {}
     for name, (model, calib, inputs) in jobs.items():
         baseline = BASELINES / name

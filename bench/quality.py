@@ -59,10 +59,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from common import (MNIST32_MODELS, N_CALIB_END, N_TRAIN, RESULTS, ROOT, digits_cnn, lenet5,  # noqa: E402  (puts ROOT on sys.path)
-                    mnist32_model, mnist32_splits, mnist_splits)
+from common import (MNIST32_MODELS, RESULTS, ROOT, digits_cnn, lenet5,  # noqa: E402  (puts ROOT on sys.path)
+                    mnist32_model, mnist32_splits)
 
 from detector import Dataset, load_dataset  # noqa: E402
+from detector.data import mnist_split  # noqa: E402
 from detector.calibration import CalibrationConfig, calibrate  # noqa: E402
 
 WORK = ROOT / "build" / "bench"
@@ -102,19 +103,19 @@ def _cases(names: list[str]) -> list[Case]:
                           "trained on `digits:train` (`build_demo_models`, seed 0, 60 epochs)"))
     if "lenet5" in names:
         onnx_path, _ = lenet5()
-        splits = mnist_splits()
-        cases.append(Case("lenet5", onnx_path, splits["calib"], splits["eval"],
-                          f"trained on `mnist[:{N_TRAIN}]` (`train_lenet5`, seed 0, 8 epochs; "
+        splits = mnist_split()
+        cases.append(Case("lenet5", onnx_path, splits["calib"], splits["test"],
+                          "trained on `mnist:train` (`build_lenet5`, seed 0, 8 epochs; "
                           "`data/mnist` is the MNIST t10k set)", MAX_ATTACKED))
     wanted32 = [name for name in MNIST32_MODELS if name in names]
     splits = mnist32_splits() if wanted32 else {}
     for name in wanted32:
         onnx_path, record = mnist32_model(name)
-        cases.append(Case(name, onnx_path, splits["calib"], splits["eval"],
-                          f"{record['architecture']}, trained on `mnist[:{N_TRAIN}]` padded to 32x32 and repeated to "
+        cases.append(Case(name, onnx_path, splits["calib"], splits["test"],
+                          f"{record['architecture']}, trained on `mnist:train` padded to 32x32 and repeated to "
                           f"3 channels (`mnist32`; `mnist32_model`, `train_classifier`, seed {record['seed']}, "
                           f"{record['epochs']} epochs, Adam lr {record['lr']}); test accuracy "
-                          f"{record['test_accuracy']:.4f} on `mnist[{N_CALIB_END}:]`", MAX_ATTACKED_32))
+                          f"{record['test_accuracy']:.4f} on `mnist:test`", MAX_ATTACKED_32))
     return cases
 
 

@@ -22,9 +22,10 @@ import time
 
 import numpy as np
 
-from common import ROOT, digits_cnn, lenet5, mnist_splits, write_result  # noqa: E402  (puts ROOT on sys.path)
+from common import ROOT, digits_cnn, lenet5, write_result  # noqa: E402  (puts ROOT on sys.path)
 
 from detector import load_dataset  # noqa: E402
+from detector.data import mnist_split  # noqa: E402
 from detector.pipeline import Detector  # noqa: E402
 
 N_TIMED = 300
@@ -33,7 +34,7 @@ N_TIMED = 300
 def time_scorers(name: str) -> list[str]:
     """Markdown lines: per-scorer median / p99 ms per single input and the ratio to the ORT pass."""
     onnx = digits_cnn()[0] if name == "digits_cnn" else lenet5()[0]
-    data = load_dataset("digits:test") if name == "digits_cnn" else mnist_splits()["eval"]
+    data = load_dataset("digits:test") if name == "digits_cnn" else mnist_split()["test"]
     baseline = ROOT / "build" / "bench" / f"quality-{name}" / "baseline"
     if not baseline.is_dir():
         sys.exit(f"bench/scorer_cost.py: no baseline at {baseline}; run bench/quality.py {name} first")

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from common import ROOT, digits_cnn, lenet5, mnist_splits, write_result  # noqa: E402  (puts ROOT on sys.path)
+from common import ROOT, digits_cnn, lenet5, write_result  # noqa: E402  (puts ROOT on sys.path)
 
 from detector import Dataset, OnnxClassifier, load_dataset  # noqa: E402
+from detector.data import mnist_split  # noqa: E402
 from detector.topology.graph_features import InducedGraphFeatures  # noqa: E402
 from detector.topology.induced_graph import InducedGraph  # noqa: E402
 from detector.scorers.topology import InducedPersistenceScorer  # noqa: E402
@@ -38,12 +39,12 @@ Q_VALUES = (1.0, 0.5, 0.25, 0.1)
 def _models() -> dict[str, tuple[Path, Dataset, Dataset, Dataset]]:
     """(onnx path, calibration data, evaluation data, timing data) per model; builds what is missing."""
     digits = load_dataset("digits")
-    mnist = mnist_splits()
+    mnist = mnist_split()
     return {
         "digits_cnn": (digits_cnn()[0], load_dataset("digits:calib"), load_dataset("digits:test"),
                        Dataset(digits.x[:N_TIMED], digits.y[:N_TIMED], "digits[:1000]")),
-        "lenet5": (lenet5()[0], mnist["calib"], Dataset(mnist["eval"].x[:500], mnist["eval"].y[:500], "mnist[8000:8500]"),
-                   Dataset(mnist["eval"].x[:N_TIMED], mnist["eval"].y[:N_TIMED], "mnist[8000:9000]")),
+        "lenet5": (lenet5()[0], mnist["calib"], Dataset(mnist["test"].x[:500], mnist["test"].y[:500], "mnist:test[:500]"),
+                   Dataset(mnist["test"].x[:N_TIMED], mnist["test"].y[:N_TIMED], "mnist:test[:1000]")),
     }
 
 

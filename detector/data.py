@@ -12,6 +12,8 @@ spec                   meaning
                        the demo models (:func:`digits_split`)
 ``mnist``              the real MNIST test set (10,000 images, 28x28) that the project carries in ``data/mnist``
                        (:data:`MNIST_DIR`)
+``mnist:SPLIT``        its images [0, 6000) (``train``), [6000, 8000) (``calib``) or [8000, 10000) (``test``):
+                       LeNet-5's split in the demo and the benchmarks (:func:`mnist_split`)
 ``FILE.npz``           arrays ``x`` (n, H, W) or (n, C, H, W) and ``y`` (n,); uint8 pixels are divided by 255.
                        An ``x`` stored uncompressed (``numpy.savez``) of more than :data:`LAZY_BYTES` as float32
                        is not loaded: its rows are read from the file batch by batch (:class:`NpzImages`)
@@ -35,7 +37,8 @@ import numpy as np
 from detector.errors import DataError
 from detector.preprocessing import Preprocessing, image_files, is_image_folder, read_images
 
-__all__ = ["Dataset", "FolderImages", "LazyImages", "NpzImages", "Rows", "load_dataset", "digits_split", "read_idx",
+__all__ = ["Dataset", "FolderImages", "LazyImages", "NpzImages", "Rows", "load_dataset", "digits_split", "mnist_split",
+           "read_idx", "MNIST_SPLIT",
            "DIGITS_SPLIT_SEED", "LAZY_BYTES", "MNIST_DIR"]
 
 #: Seed of the fixed digits split; changing it changes every demo model and baseline.
@@ -43,6 +46,8 @@ DIGITS_SPLIT_SEED = 0
 _DIGITS_FRACTIONS = {"train": 0.5, "calib": 0.3, "test": 0.2}
 #: The MNIST test set (t10k, gzipped IDX) carried in the repository, read by the ``mnist`` spec.
 MNIST_DIR = Path(__file__).resolve().parents[1] / "data" / "mnist"
+#: The ``mnist:SPLIT`` parts: image index ranges [start, stop) of the MNIST test set.
+MNIST_SPLIT = {"train": (0, 6000), "calib": (6000, 8000), "test": (8000, 10000)}
 #: An uncompressed ``.npz`` image array larger than this (as float32) is read from the file batch by batch.
 LAZY_BYTES = 512 * 2**20
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -244,6 +249,12 @@ def digits_split(seed: int = DIGITS_SPLIT_SEED) -> dict[str, Dataset]:
     return out
 
 
+def mnist_split() -> dict[str, Dataset]:
+    """The MNIST test set cut in order at :data:`MNIST_SPLIT` (train 6,000, calib 2,000, test 2,000 images)."""
+    mnist = load_dataset("mnist")
+    return {name: Dataset(mnist.x[a:b], mnist.y[a:b], f"mnist:{name}") for name, (a, b) in MNIST_SPLIT.items()}
+
+
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an IDX file (the MNIST format), gzipped or raw.
 
@@ -333,6 +344,11 @@ def load_dataset(spec: str, require_labels: bool = True, preprocessing: Preproce
         if split not in parts:
             raise DataError(f"unknown digits split {split!r}; expected one of {', '.join(parts)}")
         return parts[split]
+    if spec.startswith("mnist:"):
+        split = spec.split(":", 1)[1]
+        if split not in MNIST_SPLIT:
+            raise DataError(f"unknown mnist split {split!r}; expected one of {', '.join(MNIST_SPLIT)}")
+        return mnist_split()[split]
     if spec == "mnist":
         if not MNIST_DIR.is_dir():
             raise DataError(f"'mnist' is the MNIST test set of a source checkout ({MNIST_DIR}), which this "
@@ -341,8 +357,8 @@ def load_dataset(spec: str, require_labels: bool = True, preprocessing: Preproce
         return _pair(read_idx(images), read_idx(_idx_label_file(images)), "mnist")
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"data not found: {spec!r} is neither 'digits', 'digits:SPLIT', 'mnist' nor an existing "
-                        "file or folder")
+        raise DataError(f"data not found: {spec!r} is neither 'digits', 'digits:SPLIT', 'mnist', 'mnist:SPLIT' nor "
+                        "an existing file or folder")
     if path.is_dir() and not any("images-idx3-ubyte" in p.name for p in path.iterdir()) and is_image_folder(path):
         preprocessing = preprocessing or Preprocessing()
         files, y, _ = image_files(path)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from detector.data import Dataset, digits_split
+from detector.data import Dataset, digits_split, mnist_split
 
 __all__ = ["DigitsMLP", "DigitsCNN", "LeNet5", "train_classifier", "accuracy", "export_onnx", "export_torchscript",
            "build_demo_models", "TrainedModel"]
@@ -163,6 +163,13 @@ def build_demo_models(out: Path, seed: int = 0, epochs: int = 60, verbose: bool 
         if verbose:
             _say(f"{name}: test accuracy {acc:.4f} on {len(split['test'])} held-out digits -> {out / name}.onnx, .pt")
     return accuracies
+
+
+def build_lenet5(out: Path, seed: int = 0, epochs: int = 8, verbose: bool = True) -> TrainedModel:
+    """LeNet-5 trained on ``mnist:train`` and tested on ``mnist:test`` (:func:`detector.data.mnist_split`), written
+    to ``out`` as ``lenet5.onnx`` and ``lenet5.pt``: the demo's and the benchmarks' LeNet-5."""
+    split = mnist_split()
+    return train_lenet5(split["train"], split["test"], out, seed=seed, epochs=epochs, verbose=verbose)
 
 
 def train_lenet5(train: Dataset, test: Dataset, out: Path, seed: int = 0, epochs: int = 8,

@@ -44,6 +44,12 @@ def test_real_mnist_idx(mnist_dir):
     assert np.array_equal(same.x, ds.x)
     named = load_dataset("mnist")
     assert named.name == "mnist" and np.array_equal(named.x, ds.x) and np.array_equal(named.y, ds.y)
+    parts = {name: load_dataset(f"mnist:{name}") for name in ("train", "calib", "test")}  # LeNet-5's split, in order
+    assert [len(p) for p in parts.values()] == [6000, 2000, 2000] and parts["calib"].name == "mnist:calib"
+    assert np.array_equal(np.concatenate([p.x for p in parts.values()]), ds.x)
+    assert np.array_equal(parts["test"].y, ds.y[8000:])
+    with pytest.raises(DataError, match="unknown mnist split 'eval'; expected one of train, calib, test"):
+        load_dataset("mnist:eval")
 
 
 def test_repository_carries_the_published_mnist_files():
