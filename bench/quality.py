@@ -148,9 +148,9 @@ def _verdict(ok: bool | None) -> str:
 
 def summary(table: dict, tuned_on: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """The summary table (Markdown lines) and the list of targets not met (rows in ``tuned_on`` are in-sample)."""
-    lines = ["| attack | success rate | n | fused AUROC | fused TPR@5% | best peer | peer AUROC | fused >= best peer | "
-             "attack-specific target | met |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| attack | success rate | n | fused AUROC | fused TPR@5% | served flag at 1% / 5% (clean) | best peer | "
+             "peer AUROC | fused >= best peer | attack-specific target | met |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     failures = []
     for attack, row in table["attacks"].items():
         det = row["detectors"]
@@ -172,8 +172,9 @@ def summary(table: dict, tuned_on: tuple[str, ...]) -> tuple[list[str], list[str
             failures.append(f"`{attack}`: fused {_fmt(fused)} < {best} {_fmt(peers[best])}")
         if ok is False:
             failures.append(f"`{attack}`: {target} not met (fused AUROC {_fmt(fused)}, TPR@5% {_fmt(fused_tpr)})")
+        served = " / ".join(f"{_fmt(v['positives'])} ({_fmt(v['clean'])})" for v in row.get("served", {}).values())
         lines.append(f"| {attack} | {_fmt(row['success_rate'])} | {row['n']} | {_fmt(fused)} | {_fmt(fused_tpr)} | "
-                     f"{best or 'n/a'} | {_fmt(peers[best]) if best else 'n/a'} | {_verdict(beats)} | {target} | "
+                     f"{served or 'n/a'} | {best or 'n/a'} | {_fmt(peers[best]) if best else 'n/a'} | {_verdict(beats)} | {target} | "
                      f"{_verdict(ok) if ok is not None else '-'} |")
     return lines, failures
 
@@ -254,7 +255,10 @@ def run_case(case: Case, config: CalibrationConfig) -> dict:
               "Best peer: the highest AUROC among " + ", ".join(PEERS) + " (`nonzero_pixels` and `offgrid_pixels` are "
               "sanity rows, not peers). Targets (issue 17): fused >= best peer on every attack the fusion was not tuned "
               f"on; fused AUROC >= {STRICT_AUROC} and TPR at 5% FPR >= {STRICT_TPR} on "
-              + " and ".join(f"`{a}`" for a in STRICT_ATTACKS) + "; on `misclassified` fused >= max_softmax + 0.01.", ""]
+              + " and ".join(f"`{a}`" for a in STRICT_ATTACKS) + "; on `misclassified` fused >= max_softmax + 0.01. "
+              "TPR@5% is at the evaluation's own 5 % clean quantile; \"served flag\" is what the service flags at the "
+              "thresholds calibration fixed (the flag's share of these positives, and in brackets of the clean "
+              "negatives, at target FPR 1 % and 5 %).", ""]
     lines += rows
     lines += ["", "Targets not met: " + ("none." if not failures else ""), *[f"- {f}" for f in failures], ""]
     body = results_markdown(result.table).replace("# Evaluation:", "## Evaluation:", 1)

@@ -129,8 +129,10 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"  data: {manifest.data.spec}, {manifest.data.n_samples} inputs (fit {manifest.data.n_fit}, "
           f"references {manifest.data.n_reference}, thresholds {manifest.data.n_threshold})")
     for rule in manifest.flags:
-        rates = ", ".join(f"target {t.target_fpr:g}: held-out {t.heldout_fpr:.3f}" for t in rule.thresholds)
-        print(f"  flag {rule.name}: {rule.describe()}; FPR {rates}")
+        all_clean = manifest.heldout_metrics
+        rates = ", ".join(f"target {t.target_fpr:g}: held-out {t.heldout_fpr:.3f}, all clean inputs "
+                          f"{all_clean[f'{rule.name}_flag_rate_all_clean@{t.target_fpr}']:.3f}" for t in rule.thresholds)
+        print(f"  flag {rule.name}: {rule.describe()}; FPR on correctly classified inputs {rates}")
     return 0
 
 

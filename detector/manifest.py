@@ -73,7 +73,8 @@ class Threshold(_Frozen):
 
     target_fpr: float = Field(gt=0, lt=1)
     value: float
-    heldout_fpr: float = Field(description="false-positive rate measured on the held-out clean inputs")
+    heldout_fpr: float = Field(description="false-positive rate measured on the held-out clean inputs the model "
+                                           "classifies correctly (the thresholds' inputs)")
 
 
 class FlagRule(_Frozen):

@@ -20,6 +20,10 @@ whose FPR does not exceed the target). Detectors are the raw scores of every sco
 ``offgrid_pixels``, the count of pixels off the 8-bit grid, are the input-statistics sanity rows: an attack
 that gives itself away shows there) and ``fused``: the ``adversarial`` flag's statistic on attack rows and the
 ``likely_misclassified`` statistic on the ``misclassified`` row.
+
+TPR at a target FPR is measured at the evaluation's own clean quantile. What the service does is flag at the
+thresholds calibration fixed on its threshold split; for every attack the table also gives, at each calibrated
+FPR, the share of positives and of clean negatives that the flag's calibrated threshold flags (``served``).
 """
 
 from __future__ import annotations
@@ -96,6 +100,14 @@ def _row(clean: dict[str, np.ndarray], positive: dict[str, np.ndarray], fused_ke
     return out
 
 
+def _served(detector: Detector, flag: str, negatives: np.ndarray, positives: np.ndarray) -> dict[str, dict[str, float]]:
+    """Per calibrated FPR of ``flag``: the shares of ``positives`` and of clean ``negatives`` whose statistic exceeds
+    its calibrated threshold (what the service flags)."""
+    rule = next(r for r in detector.manifest.flags if r.name == flag)
+    return {str(t.target_fpr): {"positives": float(np.mean(positives > t.value)) if len(positives) else math.nan,
+                                "clean": float(np.mean(negatives > t.value))} for t in rule.thresholds}
+
+
 def evaluate(detector: Detector, torch_model: torch.nn.Module, data: Dataset, attacks: Sequence[str] = ATTACK_NAMES,
              model_name: str = "", progress: bool = True, pixel_levels: int | None = 255,
              max_attacked: int | None = None) -> EvaluationResult:
@@ -129,7 +141,9 @@ def evaluate(detector: Detector, torch_model: torch.nn.Module, data: Dataset, at
             fused_key, n = "fused_adversarial", int(chosen.sum())
             summary = result.summary()
             rates = {k: summary[k] for k in ("success_rate", "success_rate_unrounded", "mean_l2", "mean_linf")}
-        table["attacks"][name] = {**rates, "n": n, "detectors": _row(clean, positive, fused_key)}
+        table["attacks"][name] = {**rates, "n": n, "detectors": _row(clean, positive, fused_key),
+                                  "served": _served(detector, fused_key.removeprefix("fused_"), clean[fused_key],
+                                                    positive[fused_key])}
         kept[name] = {d: (clean[d if d != "fused" else fused_key], positive[d if d != "fused" else fused_key])
                       for d in table["attacks"][name]["detectors"]}
         p_values[name] = tuple({k.removeprefix("p_value:"): v for k, v in part.items() if k.startswith("p_value:")}
@@ -178,5 +192,9 @@ def results_markdown(table: dict) -> str:
         for name, m in row["detectors"].items():
             bold = "**" if name == "fused" else ""
             lines.append(f"| {bold}{name}{bold} | {m['auroc']:.3f} | {m['tpr_at_fpr_0.01']:.3f} | {m['tpr_at_fpr_0.05']:.3f} |")
+        served = row.get("served", {})
+        lines += ["", "Served flag at its calibrated thresholds: " + "; ".join(
+            f"target FPR {fpr}: flags {v['positives']:.3f} of the positives, {v['clean']:.3f} of the clean negatives"
+            for fpr, v in served.items()) + "."] if served else []
         lines.append("")
     return "\n".join(lines)

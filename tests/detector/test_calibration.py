@@ -10,7 +10,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from detector import BaselineError, load_dataset
+from detector import BaselineError, Dataset, DataError, load_dataset
 from detector.baseline import read_baseline
 from detector.calibration import ADVERSARIAL_SCORES, CalibrationConfig, calibrate, fit_split
 from detector.conformal import split_held_out
@@ -36,6 +36,10 @@ def test_artifact_layout_and_manifest(cnn_baseline):
     for rule in manifest.flags:
         for t in rule.thresholds:  # the conformal quantile keeps the held-out FPR at or below target
             assert t.heldout_fpr <= t.target_fpr
+    # thresholds are set on the correctly classified threshold inputs; over all of them, the model's errors
+    # count too, and likely_misclassified flags them
+    mis = next(r for r in manifest.flags if r.name == "likely_misclassified").thresholds[0]
+    assert manifest.heldout_metrics[f"likely_misclassified_flag_rate_all_clean@{mis.target_fpr}"] > mis.heldout_fpr
     with zipfile.ZipFile(out / "arrays.npz") as z:  # plain .npy members, no pickles
         assert all(name.endswith(".npy") for name in z.namelist())
     assert manifest.data.n_fit + manifest.data.n_reference + manifest.data.n_threshold == 539
@@ -193,6 +197,14 @@ def test_cli_calibrate_rejects_too_little_data(demo_models, tmp_path, capsys):
     assert "too few" in capsys.readouterr().err
 
 
+def test_calibrate_refuses_data_the_model_mostly_gets_wrong(demo_models, tmp_path):
+    data = load_dataset("digits:calib")
+    wrong = Dataset(data.x, (data.y + 1) % 10, "digits:calib, labels shifted by one")
+    with pytest.raises(DataError, match=r"the model classifies \d+ of the 132 threshold inputs correctly; "
+                                        r"thresholds at FPR 0.01 need >= 99"):
+        calibrate(demo_models / "digits_cnn.onnx", wrong, tmp_path / "b", CalibrationConfig(progress=False))
+
+
 def test_cli_calibrate_rejects_bad_settings(demo_models, tmp_path, capsys):
     code = main(["calibrate", "--model", str(demo_models / "digits_cnn.onnx"), "--data", "digits:calib",
                  "--out", str(tmp_path / "b"), "--fpr", "0.01,1.5", "--top-q", "0", "--quiet"])
@@ -215,6 +227,10 @@ def test_cli_evaluate_writes_the_results_table(demo_models, cnn_baseline, tmp_pa
     assert table["channels_tied"] is False  # one channel: nothing to tie
     assert fgsm["detectors"]["fused"]["auroc"] > 0.9  # FGSM changes the background: easy to see
     assert set(fgsm["detectors"]["fused"]) == {"auroc", "tpr_at_fpr_0.01", "tpr_at_fpr_0.05"}
+    served = fgsm["served"]  # what the adversarial flag's calibrated thresholds flag
+    assert set(served) == {"0.01", "0.05"} and served["0.05"]["positives"] >= served["0.01"]["positives"] > 0.5
+    assert served["0.05"]["clean"] >= served["0.01"]["clean"] and served["0.05"]["clean"] < 0.15
+    assert "Served flag at its calibrated thresholds: target FPR 0.01: flags" in (out / "results.md").read_text()
     assert (out / "roc_fgsm.png").is_file() and "## fgsm" in (out / "results.md").read_text()
     assert main(["evaluate", "--model", str(demo_models / "digits_cnn.onnx"),
                  "--baseline", str(cnn_baseline[0]), "--data", "digits:test",
