@@ -29,9 +29,9 @@ $(BASELINE)/manifest.json: $(MODELS)/digits_cnn.onnx
 
 baseline: $(BASELINE)/manifest.json
 
-# Serve the digits CNN, send clean then adversarial traffic, print what was flagged, stop the server.
+# Serve the digits CNN, then LeNet-5: send clean then adversarial traffic, print what was flagged, stop the server.
 demo: baseline
-	$(PY) -m service.demo --models $(MODELS) --baseline $(BASELINE)
+	$(PY) -m service.demo --models $(MODELS) --baselines $(BUILD)/baselines
 
 # Keep the server up (Ctrl-C or SIGTERM drains it).
 serve: baseline
