@@ -25,7 +25,7 @@ from torch import nn
 from detector.data import Dataset, digits_split, mnist_split
 
 __all__ = ["DigitsMLP", "DigitsCNN", "LeNet5", "train_classifier", "accuracy", "export_onnx", "export_torchscript",
-           "build_demo_models", "TrainedModel"]
+           "build_demo_models", "build_lenet5", "train_lenet5", "TrainedModel"]
 
 
 class DigitsMLP(nn.Sequential):
