@@ -7,7 +7,9 @@ and the successful 8-bit adversarial examples of each attack) and the baseline's
 - ``chosen``: the rule calibration chose on its own split (manifest), the one the service uses; then the same
   rule without its screen, or, for a baseline made before screens, with the default one (``CalibrationConfig``'s
   ``adversarial_screen`` and ``screen_share``: a deterministic function of the same p-values, so what
-  calibrating again would give; the screen is fixed beforehand, not chosen);
+  calibrating again would give; the screen is fixed beforehand, not chosen); then the chosen fusion OR the
+  screen at the larger shares :data:`SHARES` (what a larger share buys without an attacker; the adaptive
+  attacks measure what it costs);
 - ``fisher_default``: Fisher over the four default members (induced persistence, Betti density,
   introspection reconstruction, max-softmax), no attack data;
 - ``fisher_all`` / ``min_all``: Fisher / minimum p (Tippett) over every candidate score;
@@ -40,6 +42,8 @@ from sklearn.metrics import roc_auc_score  # noqa: E402
 
 WORK = ROOT / "build" / "bench"
 TUNING = CalibrationConfig().tuning_attacks
+#: Screen shares shown beside the default one.
+SHARES = (0.2, 0.5, 0.7)
 
 
 def _load(model: str) -> dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]:
@@ -64,11 +68,14 @@ def run(model: str) -> None:
     weights = logistic_weights(np.concatenate([_stack(data[a][0], names) for a in tuning]),
                                np.concatenate([_stack(data[a][1], names) for a in tuning]))
     config = CalibrationConfig()
+    screen = rule.screen or config.adversarial_screen
     other = (rule.model_copy(update={"screen": None, "screen_share": None}) if rule.screen else
              rule.model_copy(update={"screen": config.adversarial_screen, "screen_share": config.screen_share}))
     variants = {
         "chosen": (rule.members, rule.fusion_op()),
         f"chosen {'without its screen' if rule.screen else 'with the default screen'}": (other.members, other.fusion_op()),
+        **{f"chosen OR screen {screen} at share {share}":
+           (rule.scores + [screen], Fusion(rule.fusion, rule.weights, share)) for share in SHARES},
         "fisher_default": (list(ADVERSARIAL_SCORES), Fusion("fisher")),
         "fisher_all": (names, Fusion("fisher")),
         "min_all": (names, Fusion("min")),
