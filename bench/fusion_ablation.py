@@ -70,7 +70,7 @@ def run(model: str) -> None:
     config = CalibrationConfig()
     screen = rule.screen or config.adversarial_screen
     other = (rule.model_copy(update={"screen": None, "screen_share": None}) if rule.screen else
-             rule.model_copy(update={"screen": config.adversarial_screen, "screen_share": config.screen_share}))
+             rule.model_copy(update={"screen": screen, "screen_share": config.screen_share}))
     variants = {
         "chosen": (rule.members, rule.fusion_op()),
         f"chosen {'without its screen' if rule.screen else 'with the default screen'}": (other.members, other.fusion_op()),

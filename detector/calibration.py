@@ -281,7 +281,8 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
         raise DataError(f"labels must lie in [0, {model.n_classes}) for this {model.n_classes}-class model, "
                         f"got [{data.y.min()}, {data.y.max()}]")
     fit_idx, held_idx = fit_split(data.y, config)
-    needed = max(int(np.ceil((1 - min(config.fprs)) / min(config.fprs))), config.window_size)
+    least = int(np.ceil((1 - min(config.fprs)) / min(config.fprs)))  # inputs a conformal quantile at that FPR needs
+    needed = max(least, config.window_size)
     if len(held_idx) // 2 < needed:
         raise DataError(
             f"{len(data)} clean inputs are too few: thresholds at FPR {min(config.fprs)} need >= {needed} held-out "
@@ -327,7 +328,7 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     accuracy = float(np.mean(np.r_[fit_predicted == data.y[fit_idx], classes == data.y[held_idx]]))
     ref_rows, thr_rows = split_held_out(classes, fraction=0.5, seed=config.seed)
     right = classes[thr_rows] == data.y[held_idx][thr_rows]  # thresholds: on the correctly classified inputs
-    if right.sum() < (least := int(np.ceil((1 - min(config.fprs)) / min(config.fprs)))):
+    if right.sum() < least:
         raise DataError(f"the model classifies {right.sum()} of the {len(thr_rows)} threshold inputs correctly; "
                         f"thresholds at FPR {min(config.fprs)} need >= {least}: calibrate on more clean inputs")
     steps.update()
@@ -343,9 +344,10 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
         rule = FlagRule(name=name, thresholds=[], default_fpr=config.fprs[0], **choice)
         fused = thr_stats[name] = rule.fusion_op().combine(np.stack([p_thr[n] for n in rule.members], axis=1))
         thresholds = []
+        fused_right = fused[right]
         for fpr in config.fprs:
-            value = Fusion.fit_threshold(fused[right], fpr)
-            thresholds.append(Threshold(target_fpr=fpr, value=value, heldout_fpr=float(np.mean(fused[right] > value))))
+            value = Fusion.fit_threshold(fused_right, fpr)
+            thresholds.append(Threshold(target_fpr=fpr, value=value, heldout_fpr=float(np.mean(fused_right > value))))
             rates_all[f"{name}_flag_rate_all_clean@{fpr}"] = float(np.mean(fused > value))
         rules.append(rule.model_copy(update={"thresholds": thresholds}))
     steps.update()
