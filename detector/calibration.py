@@ -4,25 +4,28 @@ Splits of the clean data (stratified by label, seeded):
 
 - **fit** (half, at most ``max_fit_per_class`` inputs per class on average; :func:`fit_split`): every
   scorer learns its clean reference, and the population monitor its clean windows;
-- **reference** (half of the rest, a quarter without the cap): its scores are the conformal references
-  (class-conditional where a predicted class has at least ``min_class_count`` of them, global otherwise;
-  always global for :data:`GLOBAL_P_VALUES`);
-- **threshold** (the other half of the rest): its p-values, computed against the references, give the
+- **held-out** (the rest): their scores are the conformal references (class-conditional where a predicted
+  class has at least ``min_class_count`` of them, global otherwise; always global for
+  :data:`GLOBAL_P_VALUES`), and they set the thresholds: each input's p-values come from calibrators fitted
+  on the other ``threshold_folds`` - 1 folds (:func:`~detector.conformal.cross_fitted_p_values`), giving the
   fused statistic of each flag on clean inputs; each flag's threshold is, for every target FPR, the conformal
-  quantile of the statistic over the threshold inputs the model classifies correctly. The target FPR is thus
-  the rate on clean inputs the model gets right, the negatives of every evaluation: the model's own errors
-  are what ``likely_misclassified`` looks for, and they are the most unusual clean inputs, so a quantile over
-  all clean inputs lands among them (LeNet-5, 17 errors among 750 threshold inputs: the 1 % threshold of
-  ``adversarial`` was 12.7 over all of them, 9.8 over the 733 correct ones; it then flagged 0.9 % of 8-bit
-  foreground PGD in ``bench/quality.py``, 6.1 % now). The manifest's ``heldout_metrics`` also give each flag's
-  rate on all threshold inputs, errors included (``<flag>_flag_rate_all_clean@<fpr>``): what clean traffic sees.
+  quantile of the statistic over the held-out inputs the model classifies correctly. Cross-fitting replaced
+  a split into reference and threshold halves, whose 1 % quantile rested on ~7 of ~730 statistics (LeNet-5:
+  9.8, against a 99th percentile of 4.9 on 1,932 clean test digits, so the flag caught 6 % of 8-bit
+  foreground PGD). The target FPR is the rate on clean inputs the model gets right, the negatives of every
+  evaluation: the model's own errors are what ``likely_misclassified`` looks for, and they are the most
+  unusual clean inputs, so a quantile over all clean inputs lands among them (LeNet-5, 17 errors among 750
+  threshold inputs: the 1 % threshold of ``adversarial`` was 12.7 over all of them, 9.8 over the 733 correct
+  ones). The manifest's ``heldout_metrics`` also give each flag's rate on all held-out inputs, errors
+  included (``<flag>_flag_rate_all_clean@<fpr>``): what clean traffic sees.
 
 Flag rules, each chosen on calibration data only (:func:`detector.fusion_choice.choose_fusion`; the
-manifest's ``selection`` records the choice and why), on the **reference** split, never on the threshold
-split: the reference split is cut in half (stratified, seeded); conformal calibrators fitted on the first
-half give the p-values of the second half's clean inputs, of its natural misclassifications and of the
-attacks made from it. The chosen rule is thus fixed before any threshold input is seen, and each threshold
-stays a conformal quantile of clean statistics the choice never looked at.
+manifest's ``selection`` records the choice and why), on a stratified, seeded half of the held-out inputs
+(the **choice** half): it is cut in half again; conformal calibrators fitted on the first quarter give the
+p-values of the second quarter's clean inputs, of its natural misclassifications and of the attacks made
+from it. The choice thus sees the clean statistics of half of the threshold inputs (through other
+calibrators than the thresholds' cross-fitted ones), a selection that could only lower the thresholds
+slightly; the clean rates measured on evaluation data (``bench/quality.py``) are the check.
 
 - ``adversarial``: among Fisher and minimum-p (Tippett) fusions of up to three of :data:`ADVERSARIAL_CANDIDATES`
   and a weighted Fisher over all of them (logistic-regression weights), the one with the best mean AUROC
@@ -37,19 +40,21 @@ stays a conformal quantile of clean statistics the choice never looked at.
   then OR-ed with the chosen fusion as a screen (``adversarial_screen``, a fixed share of the FPR), not chosen;
 - ``likely_misclassified``: the same choice among fusions of up to two of
   :data:`MISCLASSIFICATION_CANDIDATES`, with the natural misclassifications as positives. Errors are rare
-  (2-3 % of inputs), so the reference split's two halves are cross-fitted: each half's p-values come from
-  conformal calibrators fitted on the other half, and every reference input counts. With fewer than
+  (2-3 % of inputs), so the choice half's two quarters are cross-fitted: each quarter's p-values come from
+  conformal calibrators fitted on the other quarter, and every input of the choice half counts. With fewer than
   :data:`MIN_ERRORS` errors the rule is Fisher over :data:`MISCLASSIFICATION_SCORES`. Max-softmax alone is a
   candidate, so a chosen statistic is never below it on that held-out data.
 
-Thresholds are then calibrated on the clean threshold inputs for every target FPR.
+Thresholds are then calibrated on the cross-fitted statistics of the clean held-out inputs for every target FPR.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import math
 import os
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated
@@ -61,7 +66,7 @@ from tqdm.auto import tqdm
 from detector.activation_map import plot_activation_map
 from detector.baseline import write_baseline
 from detector.capture import Capture
-from detector.conformal import ConformalCalibrator, Fusion, split_held_out
+from detector.conformal import ConformalCalibrator, Fusion, cross_fitted_p_values, split_held_out
 from detector.data import Dataset, Rows
 from detector.errors import DataError
 from detector.fusion_choice import FusionChoice, choose_fusion
@@ -110,7 +115,11 @@ MISCLASSIFICATION_CANDIDATES = ("max_softmax", "introspection_error", "energy", 
 #: 10 of 11 rows of LeNet-5's and of MobileNetV2-32's quality tables (natural misclassifications: 0.953 ->
 #: 0.925 and 0.967 -> 0.952). The flags' thresholds are quantiles over all classes anyway (marginal FPR).
 GLOBAL_P_VALUES = ("trust_score",)
-#: Fewest natural misclassifications (in the reference split) to choose the ``likely_misclassified`` fusion.
+#: A threshold at FPR a over n clean statistics has about n a of them above it: with fewer than this many,
+#: ``calibrate`` warns that the threshold rests on a few clean outliers and will move with the data (the digits
+#: CNN, 265 correct held-out inputs: its 1 % threshold is their second largest statistic).
+MIN_TAIL_INPUTS = 5
+#: Fewest natural misclassifications (in the choice half) to choose the ``likely_misclassified`` fusion.
 MIN_ERRORS = 5
 #: How the ``adversarial`` choice ranks candidates over the tuning attacks (:data:`detector.fusion_choice.CRITERIA`).
 #: ``"mean"``: tuned on DeepFool and minimal foreground FGSM as well with ``"worst"``, the digits CNN's flag fell
@@ -157,9 +166,12 @@ class CalibrationConfig(BaseModel):
     window_size : int
         Population monitor window (the service's rolling window keeps at least this many inputs).
     tuning_attacks : tuple of str
-        Attacks (:data:`detector.offline.attacks.ATTACK_DEFAULTS`) made on the reference split to choose the
+        Attacks (:data:`detector.offline.attacks.ATTACK_DEFAULTS`) made on the choice half of the held-out inputs to choose the
         ``adversarial`` fusion (default: FGSM and foreground FGSM; ``deepfool`` and ``fgsm_minimal_foreground``
         add minimum-perturbation examples); empty: Fisher over :data:`ADVERSARIAL_SCORES`, no attack data.
+    threshold_folds : int >= 2
+        Folds of the cross-fitted p-values the thresholds are set on (module docstring): more folds bring the
+        out-of-fold references closer to the served ones (n (K - 1) / K of n) at K calibrator fits per score.
     adversarial_screen : str or None
         A score OR-ed with the ``adversarial`` flag's fusion rather than fused into it (:class:`FlagRule`'s
         ``screen``), when the detector gives it and the choice did not make it a member; None: no screen.
@@ -190,6 +202,7 @@ class CalibrationConfig(BaseModel):
     window_size: int = Field(128, ge=8)
     tuning_attacks: tuple[str, ...] = ("fgsm", "fgsm_foreground")
     adversarial_screen: str | None = "patch_pca"
+    threshold_folds: int = Field(10, ge=2)
     screen_share: float = Field(0.05, gt=0, lt=1)
     progress: bool = True
 
@@ -283,10 +296,10 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     fit_idx, held_idx = fit_split(data.y, config)
     least = int(np.ceil((1 - min(config.fprs)) / min(config.fprs)))  # inputs a conformal quantile at that FPR needs
     needed = max(least, config.window_size)
-    if len(held_idx) // 2 < needed:
+    if len(held_idx) < needed:
         raise DataError(
             f"{len(data)} clean inputs are too few: thresholds at FPR {min(config.fprs)} need >= {needed} held-out "
-            f"threshold inputs, i.e. about {int(np.ceil(needed * 2 / (1 - config.fit_fraction)))} inputs in all"
+            f"inputs, i.e. about {int(np.ceil(needed / (1 - config.fit_fraction)))} inputs in all"
         )
     if len(fit_idx) < config.window_size:
         raise DataError(f"the fit split holds {len(fit_idx)} inputs, fewer than one population window of "
@@ -326,23 +339,28 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     points = np.concatenate([z for _, _, z in held_parts])
     del held_parts  # from here on, memory holds the fitted scorers and the scores, not the captures
     accuracy = float(np.mean(np.r_[fit_predicted == data.y[fit_idx], classes == data.y[held_idx]]))
-    ref_rows, thr_rows = split_held_out(classes, fraction=0.5, seed=config.seed)
-    right = classes[thr_rows] == data.y[held_idx][thr_rows]  # thresholds: on the correctly classified inputs
+    right = classes == data.y[held_idx]  # thresholds: on the correctly classified inputs
     if right.sum() < least:
-        raise DataError(f"the model classifies {right.sum()} of the {len(thr_rows)} threshold inputs correctly; "
+        raise DataError(f"the model classifies {right.sum()} of the {len(held_idx)} held-out inputs correctly; "
                         f"thresholds at FPR {min(config.fprs)} need >= {least}: calibrate on more clean inputs")
     steps.update()
 
     begin("conformal p-values and thresholds")
-    calibrators = {name: _calibrator(name, config).fit(s[ref_rows], classes[ref_rows], model.n_classes)
-                   for name, s in held_scores.items()}
-    p_thr = {name: calibrators[name].p_values(s[thr_rows], classes[thr_rows]) for name, s in held_scores.items()}
-    rules, thr_stats, rates_all = [], {}, {}
-    ref_scores = {name: s[ref_rows] for name, s in held_scores.items()}
-    for name, choice in _choose_rules(model_path, model, scorers, ref_scores, Rows(data.x, held_idx[ref_rows]),
-                                      data.y[held_idx][ref_rows], classes[ref_rows], config).items():
+    for fpr in (f for f in config.fprs if right.sum() * f < MIN_TAIL_INPUTS):
+        warnings.warn(f"thresholds at FPR {fpr} rest on the top {math.ceil(right.sum() * fpr)} of {right.sum()} clean "
+                      f"held-out statistics and will move with the calibration data; for about {MIN_TAIL_INPUTS} "
+                      f"above them, calibrate on about {math.ceil(MIN_TAIL_INPUTS / fpr / (1 - config.fit_fraction))} "
+                      "inputs", stacklevel=2)
+    calibrators = {name: _calibrator(name, config).fit(s, classes, model.n_classes) for name, s in held_scores.items()}
+    p_held = cross_fitted_p_values(held_scores, classes, model.n_classes, lambda name: _calibrator(name, config),
+                                   folds=config.threshold_folds, seed=config.seed)
+    rules, held_stats, rates_all = [], {}, {}
+    choice_rows = split_held_out(classes, fraction=0.5, seed=config.seed)[0]
+    choice_scores = {name: s[choice_rows] for name, s in held_scores.items()}
+    for name, choice in _choose_rules(model_path, model, scorers, choice_scores, Rows(data.x, held_idx[choice_rows]),
+                                      data.y[held_idx][choice_rows], classes[choice_rows], config).items():
         rule = FlagRule(name=name, thresholds=[], default_fpr=config.fprs[0], **choice)
-        fused = thr_stats[name] = rule.fusion_op().combine(np.stack([p_thr[n] for n in rule.members], axis=1))
+        fused = held_stats[name] = rule.fusion_op().combine(np.stack([p_held[n] for n in rule.members], axis=1))
         thresholds = []
         fused_right = fused[right]
         for fpr in config.fprs:
@@ -371,7 +389,8 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
         model=ModelInfo(file_name=Path(model_path).name, sha256=model.sha256, input_name=model.input_name,
                         input_shape=list(model.input_shape), n_classes=model.n_classes, captured_layers=hidden),
         data=DataInfo(spec=data.name, sha256=_data_hash(data), n_samples=len(data), n_fit=len(fit_idx),
-                      n_reference=len(ref_rows), n_threshold=len(thr_rows), seed=config.seed,
+                      n_reference=len(held_idx), n_threshold=len(held_idx), seed=config.seed,
+                      threshold_folds=config.threshold_folds,
                       preprocessing=data.preprocessing),
         scorers=entries,
         conformal_min_class_count=config.min_class_count,
@@ -384,7 +403,7 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     )
     write_baseline(out, manifest, arrays, introspection_onnx)
     begin("writing the report")
-    write_report(Path(out), manifest, fit_scores, {k: v[thr_rows] for k, v in held_scores.items()}, thr_stats,
+    write_report(Path(out), manifest, fit_scores, held_scores, held_stats,
                  population.reference_mean_,
                  lambda path: plot_activation_map(points, data.y[held_idx], classes, map_model, path),
                  [(key, model.capture_shape(key), who) for key, who in layer_readers(scorers, hidden).items()])
@@ -402,7 +421,7 @@ def _calibrator(name: str, config: CalibrationConfig) -> ConformalCalibrator:
 def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, scorers: list[Scorer],
                   ref_scores: dict[str, np.ndarray], x_ref: Rows, y_ref: np.ndarray, predicted: np.ndarray,
                   config: CalibrationConfig) -> dict[str, dict]:
-    """Each flag's members, fusion, weights and the reason, chosen on the reference split (module docstring).
+    """Each flag's members, fusion, weights and the reason, chosen on the choice half (module docstring).
 
     ``ref_scores`` are the reference inputs' scores, ``x_ref``/``y_ref`` their pixels (read only when
     attacked) and labels and ``predicted`` the model's classes for them.
@@ -441,11 +460,11 @@ def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, sco
         rules["likely_misclassified"] = _rule(
             choose_fusion({n: p[~wrong] for n, p in p_all.items()}, {"misclassified": {n: p[wrong] for n, p in p_all.items()}},
                           MISCLASSIFICATION_CANDIDATES, MISCLASSIFICATION_SCORES, max_members=2, seed=config.seed),
-            f"{int(wrong.sum())} misclassifications of the reference split (cross-fitted halves)")
+            f"{int(wrong.sum())} misclassifications of the choice half (cross-fitted quarters)")
     else:
         rules["likely_misclassified"] = {
             "scores": list(MISCLASSIFICATION_SCORES), "fusion": "fisher", "weights": None,
-            "selection": f"default members: fewer than {MIN_ERRORS} misclassifications in the reference split"}
+            "selection": f"default members: fewer than {MIN_ERRORS} misclassifications in the choice half"}
     return rules
 
 

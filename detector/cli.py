@@ -126,8 +126,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     data = load_dataset(args.data, preprocessing=_preprocessing(args.model, resize=args.resize, crop=args.crop))
     manifest = calibrate(args.model, data, args.out, config)
     print(f"baseline {manifest.version} written to {args.out}")
-    print(f"  data: {manifest.data.spec}, {manifest.data.n_samples} inputs (fit {manifest.data.n_fit}, "
-          f"references {manifest.data.n_reference}, thresholds {manifest.data.n_threshold})")
+    print(f"  data: {manifest.data.spec}, {manifest.data.n_samples} inputs ({manifest.data.describe_split()})")
     for rule in manifest.flags:
         all_clean = manifest.heldout_metrics
         rates = ", ".join(f"target {t.target_fpr:g}: held-out {t.heldout_fpr:.3f}, all clean inputs "

@@ -100,8 +100,7 @@ def write_report(out: Path, manifest: Manifest, fit_scores: dict[str, np.ndarray
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:2px 10px;text-align:left}}img{{max-width:100%}}</style>
 </head><body><h1>advdetect baseline {html.escape(manifest.version)}</h1>
 <p>Model <code>{html.escape(manifest.model.file_name)}</code> (sha256 {manifest.model.sha256[:16]}...), data
-<code>{html.escape(manifest.data.spec)}</code>: {manifest.data.n_samples} clean inputs, fit {manifest.data.n_fit},
-references {manifest.data.n_reference}, thresholds {manifest.data.n_threshold}, seed {manifest.data.seed}.</p>
+<code>{html.escape(manifest.data.spec)}</code>: {manifest.data.n_samples} clean inputs, {manifest.data.describe_split()}, seed {manifest.data.seed}.</p>
 <h2>Thresholds</h2><table><tr><th>flag</th><th>target FPR</th><th>threshold</th><th>held-out FPR</th><th>statistic</th></tr>{rows}</table>
 <h2>Captured layers and their readers</h2><p>Channel means are computed inside the ONNX Runtime run (a ReduceMean over
 the axes after the channel axis); topology: induced persistence and Betti density.</p>

@@ -44,12 +44,22 @@ def mnist_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def cnn_baseline(demo_models: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A baseline calibrated for the digits CNN on digits:calib (default settings): its folder and manifest."""
+def cnn_config():
+    """Default settings but for the flags' default FPR, 5 % instead of 1 %: digits:calib keeps 265 correct
+    held-out inputs, so the 1 % threshold is their second largest statistic and two far clean outliers set it
+    (15.4 over 40 seeds of the fold split; a disjoint half put it above 10 for 30 of 40 seeds). Tests that
+    serve the baseline and expect FGSM flagged use the 5 % threshold, which rests on 13 inputs above it."""
+    from detector.calibration import CalibrationConfig
+
+    return CalibrationConfig(fprs=(0.05, 0.01), progress=False)
+
+
+@pytest.fixture(scope="session")
+def cnn_baseline(demo_models: Path, tmp_path_factory: pytest.TempPathFactory, cnn_config):
+    """A baseline calibrated for the digits CNN on digits:calib (``cnn_config``): its folder and manifest."""
     from detector import load_dataset
-    from detector.calibration import CalibrationConfig, calibrate
+    from detector.calibration import calibrate
 
     out = tmp_path_factory.mktemp("baseline_cnn")
-    manifest = calibrate(demo_models / "digits_cnn.onnx", load_dataset("digits:calib"), out,
-                         CalibrationConfig(progress=False))
+    manifest = calibrate(demo_models / "digits_cnn.onnx", load_dataset("digits:calib"), out, cnn_config)
     return out, manifest

@@ -22,7 +22,7 @@ that gives itself away shows there) and ``fused``: the ``adversarial`` flag's st
 ``likely_misclassified`` statistic on the ``misclassified`` row.
 
 TPR at a target FPR is measured at the evaluation's own clean quantile. What the service does is flag at the
-thresholds calibration fixed on its threshold split; for every attack the table also gives, at each calibrated
+thresholds calibration fixed on its held-out inputs; for every attack the table also gives, at each calibrated
 FPR, the share of positives and of clean negatives that the flag's calibrated threshold flags (``served``).
 """
 

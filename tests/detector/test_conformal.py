@@ -22,7 +22,8 @@ from scipy.special import gammaincc
 from scipy.stats import chi2
 
 from detector import InvalidInput, NotReady, OnnxClassifier
-from detector.conformal import FUSION_METHODS, CalibratorStack, ConformalCalibrator, Fusion, split_held_out
+from detector.conformal import (FUSION_METHODS, CalibratorStack, ConformalCalibrator, Fusion, cross_fitted_p_values,
+                                split_held_out, stratified_folds)
 from detector.scorers.peers import KNNScorer, MahalanobisScorer, MaxSoftmaxScorer
 
 N_CLASSES = 10
@@ -223,6 +224,50 @@ def test_fused_threshold_false_positive_rate_on_the_fresh_clean_split(scored):
         for a in (0.05, 0.1):
             t = fusion.fit_threshold(fusion.combine(p_thr), a)
             assert (fusion.combine(p_thr) > t).mean() <= a
+            rate = (fusion.combine(p_test) > t).mean()
+            sd = math.sqrt(a * (1 - a) / m + a * (1 - a) / (n + 2))
+            assert rate <= a + 3 * sd, (method, a, rate, sd)
+
+
+def test_stratified_folds_deal_every_class_evenly_and_repeat_with_the_seed():
+    classes = np.repeat(np.arange(4), [40, 33, 7, 1])
+    fold = stratified_folds(classes, 10, seed=3)
+    for k in range(4):  # each class's inputs are dealt in turn: fold sizes within a class differ by at most 1
+        sizes = np.bincount(fold[classes == k], minlength=10)
+        assert sizes.max() - sizes.min() <= 1 and sizes.sum() == (classes == k).sum()
+    np.testing.assert_array_equal(fold, stratified_folds(classes, 10, seed=3))
+    assert not np.array_equal(fold, stratified_folds(classes, 10, seed=4))
+    with pytest.raises(InvalidInput, match="folds must be an integer >= 2"):
+        stratified_folds(classes, 1)
+
+
+def test_cross_fitted_p_values_rank_each_input_among_the_other_folds(scored):
+    scores = {n: scored["calib"][:, j] for j, n in enumerate(scored["names"])}
+    c = scored["calib_class"]
+    p = cross_fitted_p_values(scores, c, N_CLASSES, lambda name: ConformalCalibrator(), folds=5, seed=1)
+    fold = stratified_folds(c, 5, seed=1)
+    for k in (0, 4):
+        test = fold == k
+        for name, s in scores.items():
+            own = ConformalCalibrator().fit(s[~test], c[~test], N_CLASSES).p_values(s[test], c[test])
+            np.testing.assert_array_equal(p[name][test], own)
+
+
+def test_cross_fitted_thresholds_keep_the_false_positive_rate_on_the_fresh_clean_split(scored):
+    """Calibrators on every calibration digit, thresholds on their out-of-fold statistics: the rate on the test
+    digits stays within the split-conformal tolerance (the refitted calibrators rank a new input among
+    n references, the out-of-fold ones among 0.9 n)."""
+    names, c = scored["names"], scored["calib_class"]
+    scores = {n: scored["calib"][:, j] for j, n in enumerate(names)}
+    oof = cross_fitted_p_values(scores, c, N_CLASSES, lambda name: ConformalCalibrator())
+    cals = {n: ConformalCalibrator().fit(s, c, N_CLASSES) for n, s in scores.items()}
+    p_oof = np.column_stack([oof[n] for n in names])
+    p_test = np.column_stack([cals[n].p_values(scored["test"][:, j], scored["test_class"]) for j, n in enumerate(names)])
+    m, n = len(p_test), len(c)
+    for method in FUSION_METHODS:
+        fusion = Fusion(method)
+        for a in (0.05, 0.1):
+            t = fusion.fit_threshold(fusion.combine(p_oof), a)
             rate = (fusion.combine(p_test) > t).mean()
             sd = math.sqrt(a * (1 - a) / m + a * (1 - a) / (n + 2))
             assert rate <= a + 3 * sd, (method, a, rate, sd)

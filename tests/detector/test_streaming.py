@@ -124,7 +124,7 @@ def test_a_reduced_capture_of_a_wide_model_keeps_neither_pixels_nor_wide_maps(na
 
 
 def test_calibration_streams_a_lazily_read_npz_in_small_chunks_to_the_same_baseline(demo_models, cnn_baseline,
-                                                                                    tmp_path, monkeypatch):
+                                                                                    cnn_config, tmp_path, monkeypatch):
     import detector.calibration
     import detector.data
 
@@ -135,7 +135,7 @@ def test_calibration_streams_a_lazily_read_npz_in_small_chunks_to_the_same_basel
     monkeypatch.setattr(detector.calibration, "reduced_chunks", functools.partial(reduced_chunks, chunk_size=100))
     lazy = load_dataset(str(tmp_path / "calib.npz"))
     assert isinstance(lazy.x, detector.data.NpzImages)
-    manifest = calibrate(demo_models / "digits_cnn.onnx", lazy, tmp_path / "baseline", CalibrationConfig(progress=False))
+    manifest = calibrate(demo_models / "digits_cnn.onnx", lazy, tmp_path / "baseline", cnn_config)
     reference = cnn_baseline[1]
     assert manifest.data.sha256 == reference.data.sha256
     # the same rules; scores and thresholds equal up to the last bits of matrix products of other shapes

@@ -55,9 +55,13 @@ def test_narrow_real_architecture_calibrates_and_flags_fgsm(tmp_path, mnist_32, 
     adversarial = np.clip(test.x + 0.2 * np.sign(x.grad.numpy()), 0, 1).astype(np.float32)
     clean, attacked = detector.detect(test.x, fpr=0.05), detector.detect(adversarial, fpr=0.05)
     fooled = np.array([d.predicted_class for d in attacked.detections]) != test.y
-    clean_rate = np.mean(["adversarial" in d.flags for d in clean.detections])
+    right = np.array([d.predicted_class for d in clean.detections]) == test.y
+    # the target rate is on clean inputs the model gets right; 3 sd of the test rate and of the threshold,
+    # a quantile of the ~170 correct held-out inputs' statistics
+    clean_rate = np.mean(["adversarial" in d.flags for d, r in zip(clean.detections, right) if r])
     caught = np.mean(["adversarial" in d.flags for d, f in zip(attacked.detections, fooled) if f])
     assert fooled.mean() > 0.5
-    assert clean_rate <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / len(test)), clean_rate
+    n_threshold = right.mean() * detector.manifest.data.n_threshold
+    assert clean_rate <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / right.sum() + 0.05 * 0.95 / (n_threshold + 2)), clean_rate
     assert caught > 0.4, caught
     assert set(clean.stage_seconds) == {"inference", "topology", "introspection", "peers", "fusion"}
