@@ -35,7 +35,9 @@ slightly; the clean rates measured on evaluation data (``bench/quality.py``) are
   :func:`~detector.fusion_choice.choose_fusion` brings in members that see CW kappa=0, but was measured to
   cost the high-confidence attacks most of their flags at 1 % FPR (issue 17), so it is not the default.
   Fisher over every score was measured to dilute a
-  strong member with weak ones (issue 17), hence a choice. Evaluations report the other attacks. With
+  strong member with weak ones (issue 17), hence a choice. A candidate needing fewer squeezed copies of the
+  input (feature squeezing's, each a model pass) whose mean AUROC is within one standard error of the best is
+  preferred (``costs`` of ``choose_fusion``). Evaluations report the other attacks. With
   ``tuning_attacks=()`` the rule is Fisher over :data:`ADVERSARIAL_SCORES` (no attack data). Patch PCA is
   then OR-ed with the chosen fusion as a screen (``adversarial_screen``, a fixed share of the FPR), not chosen;
 - ``likely_misclassified``: the same choice among fusions of up to two of
@@ -445,9 +447,11 @@ def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, sco
         from detector.offline.tuning import tuning_p_values
 
         tuned = tuning_p_values(model_path, model, scorers, calibrators, x.select(right), y[right], config.tuning_attacks)
+    # what a member costs a request: the squeezed copies of the input it needs, each a full model pass
+    costs = {n: float(len(s.squeezer_names())) for s in scorers for n in s.score_names}
     if tuned:
         rules["adversarial"] = _rule(choose_fusion(clean, tuned, ADVERSARIAL_CANDIDATES, ADVERSARIAL_SCORES,
-                                                   seed=config.seed, criterion=TUNING_CRITERION),
+                                                   seed=config.seed, criterion=TUNING_CRITERION, costs=costs),
                                      "tuning attacks " + ", ".join(tuned))
     screen = config.adversarial_screen
     if screen in ref_scores and screen not in rules["adversarial"]["scores"]:
@@ -459,7 +463,8 @@ def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, sco
     if wrong.sum() >= MIN_ERRORS:
         rules["likely_misclassified"] = _rule(
             choose_fusion({n: p[~wrong] for n, p in p_all.items()}, {"misclassified": {n: p[wrong] for n, p in p_all.items()}},
-                          MISCLASSIFICATION_CANDIDATES, MISCLASSIFICATION_SCORES, max_members=2, seed=config.seed),
+                          MISCLASSIFICATION_CANDIDATES, MISCLASSIFICATION_SCORES, max_members=2, seed=config.seed,
+                          costs=costs),
             f"{int(wrong.sum())} misclassifications of the choice half (cross-fitted quarters)")
     else:
         rules["likely_misclassified"] = {

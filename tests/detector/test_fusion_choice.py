@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from detector.conformal import Fusion
 from detector.errors import InvalidInput
-from detector.fusion_choice import choose_fusion, logistic_weights
+from detector.fusion_choice import auroc_standard_error, choose_fusion, logistic_weights
 
 
 def _p_values(seed: int) -> tuple[dict, dict]:
@@ -52,6 +52,31 @@ def test_the_worst_case_prefers_the_member_that_holds_on_every_family():
     assert "lowest within 0.01 of the best lowest" in worst.reason() and "lowest within" not in mean.reason()
     with pytest.raises(InvalidInput, match="criterion must be one of"):
         choose_fusion(clean, positives, ["sharp"], ["sharp"], criterion="median")
+
+
+def test_auroc_standard_error_matches_the_mann_whitney_null_variance():
+    # at A = 1/2, Hanley & McNeil's variance is the Mann-Whitney statistic's under the null: (n0 + n1 + 1) / (12 n0 n1)
+    for n0, n1 in ((100, 100), (400, 37)):
+        assert auroc_standard_error(0.5, n0, n1) == pytest.approx(np.sqrt((n0 + n1 + 1) / (12 * n0 * n1)))
+    assert auroc_standard_error(1.0, 50, 50) == 0.0
+    assert auroc_standard_error(0.9, 400, 400) < auroc_standard_error(0.9, 100, 100)
+
+
+def test_a_costly_member_must_buy_more_than_one_standard_error():
+    """'squeezed' (cost 2: two squeezed copies of the input) adds a little to 'cheap'; with costs, the cheaper
+    candidate within one standard error wins; a costly member that adds a lot is kept."""
+    rng = np.random.default_rng(6)
+    clean = {k: rng.uniform(0.001, 1, 300) for k in ("cheap", "squeezed")}
+    slight = {"attack": {"cheap": rng.uniform(0.001, 0.3, 150), "squeezed": rng.uniform(0.001, 0.7, 150)}}
+    free = choose_fusion(clean, slight, ["cheap", "squeezed"], ["cheap"])
+    assert "squeezed" in free.scores and free.cheaper_than is None
+    costed = choose_fusion(clean, slight, ["cheap", "squeezed"], ["cheap"], costs={"squeezed": 2.0})
+    assert costed.scores == ["cheap"]
+    assert free.auroc["attack"] - 0.03 < costed.auroc["attack"] < free.auroc["attack"]
+    assert "cheaper (cost 0) than" in costed.reason() and "within one standard error" in costed.reason()
+    strong = {"attack": {"cheap": rng.uniform(0.001, 0.3, 150), "squeezed": rng.uniform(0.001, 0.05, 150)}}
+    kept = choose_fusion(clean, strong, ["cheap", "squeezed"], ["cheap"], costs={"squeezed": 2.0})
+    assert "squeezed" in kept.scores and kept.cheaper_than is None
 
 
 def test_logistic_weights_favour_the_informative_member():
