@@ -512,8 +512,9 @@ def cross_fitted_p_values(scores: Mapping[str, np.ndarray], classes: np.ndarray,
     approximation whose error shrinks with K (the references differ by n / K inputs). What it buys is
     resolution: all n inputs are references (p-values down to 1/(n_c + 1) per class instead of
     1/(n_c / 2 + 1)) and all n set the threshold, halving the variance of a 1 % quantile that rests on the
-    largest 1 % of the statistics. Measured on held-out clean data in ``bench/quality.py`` (the "served
-    flag ... (clean)" columns).
+    largest 1 % of the statistics. Measured on clean evaluation digits the model gets right
+    (``bench/quality.py``, "served flag ... (clean)"): LeNet-5 (1,500 held-out inputs) 0.7 % at a target of
+    1 % and 5.0 % at 5 %; the digits CNN (269) 0.3 % and 3.7 %.
     """
     c = np.asarray(classes)
     fold = stratified_folds(c, folds, seed)
