@@ -55,8 +55,8 @@ class DataInfo(_Frozen):
     n_reference: int = Field(description="held-out inputs whose scores are the conformal references")
     n_threshold: int = Field(description="held-out inputs on which the fused thresholds are set")
     threshold_folds: int | None = Field(
-        None, description="folds of the cross-fitted p-values the thresholds were set on (the references and the "
-                          "threshold inputs are then the same held-out inputs); None: a baseline made before "
+        None, description="folds of the cross-fitted p-values the thresholds were set on (the threshold inputs are "
+                          "then held-out inputs that are references too); None: a baseline made before "
                           "cross-fitting, whose threshold inputs were a half disjoint from the references")
     seed: int
     preprocessing: Preprocessing | None = Field(
@@ -64,12 +64,12 @@ class DataInfo(_Frozen):
                           "folders, and clients of serve must send images prepared this way")
 
     def describe_split(self) -> str:
-        """How the inputs were used, for the CLI and the report: ``fit 500, held-out 1500 (references and
-        thresholds, cross-fitted in 10 folds)``."""
+        """How the inputs were used, for the CLI and the report: ``fit 500, held-out 1500 (references; thresholds
+        on 1125 of them, cross-fitted in 10 folds)``."""
         if self.threshold_folds is None:
             return f"fit {self.n_fit}, references {self.n_reference}, thresholds {self.n_threshold}"
-        return (f"fit {self.n_fit}, held-out {self.n_reference} (references and thresholds, cross-fitted in "
-                f"{self.threshold_folds} folds)")
+        return (f"fit {self.n_fit}, held-out {self.n_reference} (references; thresholds on {self.n_threshold} of "
+                f"them, cross-fitted in {self.threshold_folds} folds)")
 
 
 class ScorerEntry(_Frozen):

@@ -42,12 +42,13 @@ def test_artifact_layout_and_manifest(cnn_baseline):
     assert manifest.heldout_metrics[f"likely_misclassified_flag_rate_all_clean@{mis.target_fpr}"] > mis.heldout_fpr
     with zipfile.ZipFile(out / "arrays.npz") as z:  # plain .npy members, no pickles
         assert all(name.endswith(".npy") for name in z.namelist())
-    assert manifest.data.n_fit + manifest.data.n_reference == 539  # every held-out input is a reference,
-    assert manifest.data.n_threshold == manifest.data.n_reference and manifest.data.threshold_folds == 10  # and sets thresholds
+    assert manifest.data.n_fit + manifest.data.n_reference == 539  # every held-out input is a reference;
+    # all but the quarter the fusion choice read set the thresholds
+    assert manifest.data.n_threshold == 199 and manifest.data.n_reference == 269 and manifest.data.threshold_folds == 10
 
 
 def test_same_seed_same_artifact(demo_models, cnn_baseline, cnn_config, tmp_path):
-    with pytest.warns(UserWarning, match=r"thresholds at FPR 0.01 rest on the top 3 of 26\d clean held-out statistics"):
+    with pytest.warns(UserWarning, match=r"thresholds at FPR 0.01 rest on the top 2 of 19\d clean held-out statistics"):
         again = calibrate(demo_models / "digits_cnn.onnx", load_dataset("digits:calib"), tmp_path, cnn_config)
     a, b = read_baseline(cnn_baseline[0]), read_baseline(tmp_path)
     assert sorted(a[1]) == sorted(b[1])
@@ -201,7 +202,7 @@ def test_cli_calibrate_rejects_too_little_data(demo_models, tmp_path, capsys):
 def test_calibrate_refuses_data_the_model_mostly_gets_wrong(demo_models, tmp_path):
     data = load_dataset("digits:calib")
     wrong = Dataset(data.x, (data.y + 1) % 10, "digits:calib, labels shifted by one")
-    with pytest.raises(DataError, match=r"the model classifies \d+ of the 269 held-out inputs correctly; "
+    with pytest.raises(DataError, match=r"the model classifies \d+ of the \d+ threshold inputs correctly; "
                                         r"thresholds at FPR 0.01 need >= 99"):
         calibrate(demo_models / "digits_cnn.onnx", wrong, tmp_path / "b", CalibrationConfig(progress=False))
 
@@ -281,8 +282,8 @@ def test_cli_calibrate_with_a_fit_cap_fits_on_fewer_inputs_and_still_flags_noise
     manifest = read_baseline(tmp_path / "b")[0]
     assert 145 <= manifest.data.n_fit <= 155
     assert manifest.data.n_reference == 539 - manifest.data.n_fit
-    assert f"fit {manifest.data.n_fit}, held-out {539 - manifest.data.n_fit} (references and thresholds, cross-fitted in 10 folds)" \
-        in capsys.readouterr().out
+    assert (f"fit {manifest.data.n_fit}, held-out {539 - manifest.data.n_fit} (references; thresholds on "
+            f"{manifest.data.n_threshold} of them, cross-fitted in 10 folds)") in capsys.readouterr().out
     assert main(["calibrate", "--model", str(demo_models / "digits_cnn.onnx"), "--data", "digits:calib",
                  "--out", str(tmp_path / "c"), "--max-fit-per-class", "10", "--quiet"]) == 2
     assert "fewer than one population window of 128: raise max_fit_per_class (now 10)" in capsys.readouterr().err
