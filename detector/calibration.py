@@ -469,7 +469,7 @@ def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, sco
     screen = config.adversarial_screen
     if screen in held_scores and screen not in rules["adversarial"]["scores"]:
         rules["adversarial"].update(screen=screen, screen_share=config.screen_share)
-    # natural errors are rare: cross-fitted, so that every reference input has a p-value from the other half
+    # natural errors are rare: cross-fitted, so that every input of the choice half has a p-value from the other quarter
     p_fit = cross(tune_half, fit_half)[1]
     p_all = {n: np.r_[p_fit[n], p_tune[n]] for n in held_scores}
     wrong = np.r_[predicted[fit_half] != y_held[fit_half], ~right]
