@@ -26,7 +26,9 @@ and the successful 8-bit adversarial examples of each attack) and the baseline's
   family: a negative worst margin means no rule in it is at least the best peer on every attack;
 - the best peer of each row (raw score, ``bench/results/quality-<model>.json``), the bar of issue 17.
 
-A second table gives what the service flags at the thresholds calibration fixed, per target FPR: the
+A second table gives, for the fused statistic and each peer (raw score), the worst and the mean AUROC over the
+attacks the fusion was not tuned on: the bar a detector must clear when the attacker picks the attack. A third
+gives what the service flags at the thresholds calibration fixed, per target FPR: the
 ``adversarial`` flag alone (the quality table's "served" column) and either flag, ``adversarial`` or
 ``likely_misclassified`` at the same target, which is what a client that routes any flagged input to review sees.
 Minimum-perturbation attacks leave the input near the decision boundary, where ``likely_misclassified`` looks.
@@ -175,6 +177,14 @@ def run(model: str) -> None:
     lines.append("| best single p-value (oracle) | " + " | ".join(best) + " |")
     lines.append("| best Fisher of <= 3 candidates (oracle) | " + " | ".join(best_fisher) + " |")
     lines.append("| best peer (raw score) | " + " | ".join(f"{peer[a][1]} {peer[a][0]:.3f}" for a in attacks) + " |")
+    lines += ["", "## Over every untuned attack at once", "",
+              "Worst and mean AUROC over " + ", ".join(f"`{a}`" for a in untuned) + " (raw scores for the peers, "
+              "`bench/results/quality-" + model + ".json`).", "", "| detector | worst AUROC (attack) | mean AUROC |",
+              "|---|---|---|"]
+    for detector in ("fused", *(p for p in PEERS if p in results[untuned[0]]["detectors"])):
+        aurocs = {a: results[a]["detectors"][detector]["auroc"] for a in untuned}
+        worst = min(aurocs, key=aurocs.__getitem__)
+        lines.append(f"| {detector} | {aurocs[worst]:.3f} ({worst}) | {np.mean(list(aurocs.values())):.3f} |")
     lines += ["", "## What the service flags at its calibrated thresholds", "",
               "Share of each row above the thresholds calibration fixed, per target FPR: the `adversarial` flag alone "
               "and either flag (`adversarial` or `likely_misclassified`, each at that target). `misclassified` is "
