@@ -94,7 +94,7 @@ def _say(msg: str) -> None:
     print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def _cases(names: list[str]) -> list[Case]:
+def cases(names: list[str]) -> list[Case]:
     """The benchmark cases asked for; trains the models that are missing."""
     cases = []
     if "digits_cnn" in names:
@@ -303,7 +303,7 @@ def main(argv: list[str]) -> None:
         parser.error(f"unknown model(s) {unknown}; choose among {', '.join(CASES)}")
     t0 = time.perf_counter()
     config = CalibrationConfig()
-    for case in _cases(args.names or list(DEFAULT_CASES)):
+    for case in cases(args.names or list(DEFAULT_CASES)):
         run_adaptive(case, config, args.inputs) if args.adaptive else run_case(case, config)
     _say(f"total wall time {(time.perf_counter() - t0) / 60:.1f} min")
 

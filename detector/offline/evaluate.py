@@ -44,7 +44,8 @@ from detector.errors import InvalidInput
 from detector.offline.attacks import ATTACKS, channels_tied, offgrid_pixels, round_to_grid, run_attack
 from detector.pipeline import Detector
 
-__all__ = ["ATTACK_NAMES", "EvaluationResult", "evaluate", "results_markdown", "tpr_at_fpr", "write_results"]
+__all__ = ["ATTACK_NAMES", "EvaluationResult", "detector_scores", "evaluate", "results_markdown", "tpr_at_fpr",
+           "write_results"]
 
 #: Rows of the table, in order (``misclassified`` is not an attack but the natural errors of the model).
 ATTACK_NAMES = (*ATTACKS, "misclassified")
@@ -68,7 +69,7 @@ class EvaluationResult:
     p_values: dict[str, tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
 
 
-def _detector_scores(detector: Detector, x: np.ndarray, batch_size: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def detector_scores(detector: Detector, x: np.ndarray, batch_size: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Every raw score, its p-value (``p_value:<score>``) and each flag's fused statistic (``fused_<flag>``), and the
     predicted classes (``batch_size`` inputs at a time, default :attr:`Detector.batch_size`)."""
     parts: list[dict[str, np.ndarray]] = []
@@ -121,7 +122,7 @@ def evaluate(detector: Detector, torch_model: torch.nn.Module, data: Dataset, at
     if unknown:
         raise InvalidInput(f"unknown attack(s) {unknown}; choose from {', '.join(ATTACK_NAMES)} or all")
     x = round_to_grid(data.x, pixel_levels)
-    all_scores, predicted = _detector_scores(detector, x)
+    all_scores, predicted = detector_scores(detector, x)
     correct = predicted == data.y
     clean = {k: v[correct] for k, v in all_scores.items()}
     x_ok, y_ok = x[correct][:max_attacked], data.y[correct][:max_attacked]
@@ -137,7 +138,7 @@ def evaluate(detector: Detector, torch_model: torch.nn.Module, data: Dataset, at
         else:
             result = run_attack(name, torch_model, x_ok, y_ok, pixel_levels=pixel_levels)
             chosen = np.ones(len(x_ok), bool) if name == "noise" else result.success
-            positive = _detector_scores(detector, result.x_adv[chosen])[0] if chosen.any() else {k: v[:0] for k, v in clean.items()}
+            positive = detector_scores(detector, result.x_adv[chosen])[0] if chosen.any() else {k: v[:0] for k, v in clean.items()}
             fused_key, n = "fused_adversarial", int(chosen.sum())
             summary = result.summary()
             rates = {k: summary[k] for k in ("success_rate", "success_rate_unrounded", "mean_l2", "mean_linf")}
