@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) bench/topology.py
 	$(PY) bench/quality.py
 	$(PY) bench/fusion_ablation.py
+	$(PY) bench/label_change.py
 	$(PY) bench/scorer_cost.py
 	$(PY) bench/load.py
 	$(PY) bench/hostile.py
