@@ -356,7 +356,7 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
     for fpr in (f for f in config.fprs if right.sum() * f < MIN_TAIL_INPUTS):
         warnings.warn(f"thresholds at FPR {fpr} rest on the top {math.ceil(right.sum() * fpr)} of {right.sum()} clean "
                       f"held-out statistics and will move with the calibration data; for about {MIN_TAIL_INPUTS} "
-                      f"above them, calibrate on about {math.ceil(MIN_TAIL_INPUTS / fpr / 0.75 / (1 - config.fit_fraction))} "
+                      f"above them, calibrate on about {math.ceil(MIN_TAIL_INPUTS / fpr * len(data) / right.sum())} "
                       "inputs", stacklevel=2)
     calibrators = {name: _calibrator(name, config).fit(s, classes, model.n_classes) for name, s in held_scores.items()}
     p_held = cross_fitted_p_values(held_scores, classes, model.n_classes, lambda name: _calibrator(name, config),
