@@ -173,6 +173,11 @@ class CalibrationConfig(BaseModel):
         Attacks (:data:`detector.offline.attacks.ATTACK_DEFAULTS`) made on the choice half of the held-out inputs to choose the
         ``adversarial`` fusion (default: FGSM and foreground FGSM; ``deepfool`` and ``fgsm_minimal_foreground``
         add minimum-perturbation examples); empty: Fisher over :data:`ADVERSARIAL_SCORES`, no attack data.
+    max_squeezed_copies : int >= 0 or None
+        The most squeezed copies of an input a flag's members may run through the model, each a full model
+        pass in the same ONNX Runtime call (feature squeezing needs 2: they add 1.8-2.1x the model's own time on
+        the MNIST-32 models). 0 keeps the served path to one model pass, for a latency budget below that; None
+        (default): no budget, and a costlier fusion must beat a cheaper one by a standard error.
     threshold_folds : int >= 2
         Folds of the cross-fitted p-values the thresholds are set on (module docstring): more folds bring the
         out-of-fold references closer to the served ones (n (K - 1) / K of n) at K calibrator fits per score.
@@ -205,6 +210,7 @@ class CalibrationConfig(BaseModel):
     introspection_hidden: tuple[int, ...] = (128, 128)
     window_size: int = Field(128, ge=8)
     tuning_attacks: tuple[str, ...] = ("fgsm", "fgsm_foreground")
+    max_squeezed_copies: int | None = Field(None, ge=0)
     adversarial_screen: str | None = "patch_pca"
     threshold_folds: int = Field(10, ge=2)
     screen_share: float = Field(0.05, gt=0, lt=1)
@@ -462,10 +468,12 @@ def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, sco
         tuned = tuning_p_values(model_path, model, scorers, calibrators, x.select(right), y[right], config.tuning_attacks)
     # what a member costs a request: the squeezed copies of the input it needs, each a full model pass
     costs = {n: float(len(s.squeezer_names())) for s in scorers for n in s.score_names}
+    budget = "" if config.max_squeezed_copies is None else f" (at most {config.max_squeezed_copies} squeezed copies)"
     if tuned:
         rules["adversarial"] = _rule(choose_fusion(clean, tuned, ADVERSARIAL_CANDIDATES, ADVERSARIAL_SCORES,
-                                                   seed=config.seed, criterion=TUNING_CRITERION, costs=costs),
-                                     "tuning attacks " + ", ".join(tuned))
+                                                   seed=config.seed, criterion=TUNING_CRITERION, costs=costs,
+                                                   max_cost=config.max_squeezed_copies),
+                                     "tuning attacks " + ", ".join(tuned) + budget)
     screen = config.adversarial_screen
     if screen in held_scores and screen not in rules["adversarial"]["scores"]:
         rules["adversarial"].update(screen=screen, screen_share=config.screen_share)
@@ -477,8 +485,8 @@ def _choose_rules(model_path: str | os.PathLike[str], model: OnnxClassifier, sco
         rules["likely_misclassified"] = _rule(
             choose_fusion({n: p[~wrong] for n, p in p_all.items()}, {"misclassified": {n: p[wrong] for n, p in p_all.items()}},
                           MISCLASSIFICATION_CANDIDATES, MISCLASSIFICATION_SCORES, max_members=2, seed=config.seed,
-                          costs=costs),
-            f"{int(wrong.sum())} misclassifications of the choice half (cross-fitted quarters)")
+                          costs=costs, max_cost=config.max_squeezed_copies),
+            f"{int(wrong.sum())} misclassifications of the choice half (cross-fitted quarters){budget}")
     else:
         rules["likely_misclassified"] = {
             "scores": list(MISCLASSIFICATION_SCORES), "fusion": "fisher", "weights": None,

@@ -119,7 +119,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         config = CalibrationConfig(layers=args.layers, fprs=args.fpr, seed=args.seed, top_q=args.top_q,
                                    max_edges=args.max_edges, latent_dim=args.latent_dim,
                                    max_fit_per_class=args.max_fit_per_class, screen_share=args.screen_share,
-                                   progress=not args.quiet, **tuning)
+                                   max_squeezed_copies=args.max_squeezed_copies, progress=not args.quiet, **tuning)
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise AdvDetectError(f"invalid calibration settings: {problems}") from None
@@ -298,6 +298,10 @@ def _parser() -> argparse.ArgumentParser:
                         "for image inputs; 'none': no screen)")
     p.add_argument("--screen-share", type=float, default=0.05,
                    help="share of the false-positive rate the screen spends (default 0.05)")
+    p.add_argument("--max-squeezed-copies", type=int, default=None,
+                   help="most squeezed copies of an input the flags' members may add to the model call (feature "
+                        "squeezing needs 2, about 2x the model's time); 0 keeps one model pass per request "
+                        "(default: no limit)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_calibrate)
 

@@ -152,7 +152,7 @@ def _cross_validated_weighted_fisher(clean: np.ndarray, positives: Mapping[str, 
 def choose_fusion(clean: Mapping[str, np.ndarray], positives: Mapping[str, Mapping[str, np.ndarray]],
                   candidates: Sequence[str], default: Sequence[str], max_members: int = 3,
                   seed: int = 0, criterion: Literal["worst", "mean"] = "worst",
-                  costs: Mapping[str, float] | None = None) -> FusionChoice:
+                  costs: Mapping[str, float] | None = None, max_cost: float | None = None) -> FusionChoice:
     """Choose the fused statistic with the best AUROC of ``positives`` against ``clean`` (by ``criterion``).
 
     Parameters
@@ -178,6 +178,9 @@ def choose_fusion(clean: Mapping[str, np.ndarray], positives: Mapping[str, Mappi
         the cheapest candidate among those eligible whose mean AUROC is within one standard error of the
         chosen one's is taken instead (the best mean among equally cheap ones); the standard error of a mean
         over S sets is sqrt(sum_s SE_s^2) / S with SE_s from :func:`auroc_standard_error`.
+    max_cost : float, optional
+        A hard budget: candidates costing more (by ``costs``) are not considered at all, whatever they buy.
+        Default: none.
     """
     if criterion not in CRITERIA:
         raise InvalidInput(f"criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -210,6 +213,11 @@ def choose_fusion(clean: Mapping[str, np.ndarray], positives: Mapping[str, Mappi
     kept = weights > 0  # members the regression gave no weight are dropped
     consider("weighted_fisher", [n for n, k in zip(names, kept) if k], "fisher", [float(w) for w in weights[kept]],
              cv["clean"], {k: cv[k] for k in positives})
+    cost = lambda c: sum((costs or {}).get(m, 0.0) for m in c.scores)  # noqa: E731
+    if max_cost is not None:
+        tried = [t for t in tried if cost(t[5]) <= max_cost]
+        if not tried:
+            raise InvalidInput(f"no candidate costs at most {max_cost:g}; raise the budget or add cheaper candidates")
     primary = 1 if criterion == "worst" else 2
     if criterion == "worst":  # the best mean among those whose lowest AUROC is near the best lowest
         floor = max(t[1] for t in tried) - WORST_TOLERANCE
@@ -220,7 +228,6 @@ def choose_fusion(clean: Mapping[str, np.ndarray], positives: Mapping[str, Mappi
     chosen = max(eligible, key=rank)[5]
     cheaper_than = None
     if costs:
-        cost = lambda c: sum(costs.get(m, 0.0) for m in c.scores)  # noqa: E731
         sizes = {k: len(next(iter(v.values()))) for k, v in positives.items()}
         n0 = len(next(iter(clean.values())))
         se = float(np.sqrt(sum(auroc_standard_error(a, n0, sizes[k]) ** 2 for k, a in chosen.auroc.items()))) / len(sizes)

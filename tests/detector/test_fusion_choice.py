@@ -77,6 +77,10 @@ def test_a_costly_member_must_buy_more_than_one_standard_error():
     strong = {"attack": {"cheap": rng.uniform(0.001, 0.3, 150), "squeezed": rng.uniform(0.001, 0.05, 150)}}
     kept = choose_fusion(clean, strong, ["cheap", "squeezed"], ["cheap"], costs={"squeezed": 2.0})
     assert "squeezed" in kept.scores and kept.cheaper_than is None
+    budget = choose_fusion(clean, strong, ["cheap", "squeezed"], ["cheap"], costs={"squeezed": 2.0}, max_cost=0)
+    assert budget.scores == ["cheap"]  # a hard budget excludes it whatever it buys
+    with pytest.raises(InvalidInput, match="no candidate costs at most 1"):
+        choose_fusion(clean, strong, ["squeezed"], ["squeezed"], costs={"squeezed": 2.0}, max_cost=1)
 
 
 def test_logistic_weights_favour_the_informative_member():
