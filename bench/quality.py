@@ -96,27 +96,27 @@ def _say(msg: str) -> None:
 
 def cases(names: list[str]) -> list[Case]:
     """The benchmark cases asked for; trains the models that are missing."""
-    cases = []
+    out = []
     if "digits_cnn" in names:
         onnx_path, _ = digits_cnn()
-        cases.append(Case("digits_cnn", onnx_path, load_dataset("digits:calib"), load_dataset("digits:test"),
+        out.append(Case("digits_cnn", onnx_path, load_dataset("digits:calib"), load_dataset("digits:test"),
                           "trained on `digits:train` (`build_demo_models`, seed 0, 60 epochs)"))
     if "lenet5" in names:
         onnx_path, _ = lenet5()
         splits = mnist_split()
-        cases.append(Case("lenet5", onnx_path, splits["calib"], splits["test"],
+        out.append(Case("lenet5", onnx_path, splits["calib"], splits["test"],
                           "trained on `mnist:train` (`build_lenet5`, seed 0, 8 epochs; "
                           "`data/mnist` is the MNIST t10k set)", MAX_ATTACKED))
     wanted32 = [name for name in MNIST32_MODELS if name in names]
     splits = mnist32_splits() if wanted32 else {}
     for name in wanted32:
         onnx_path, record = mnist32_model(name)
-        cases.append(Case(name, onnx_path, splits["calib"], splits["test"],
+        out.append(Case(name, onnx_path, splits["calib"], splits["test"],
                           f"{record['architecture']}, trained on `mnist:train` padded to 32x32 and repeated to "
                           f"3 channels (`mnist32`; `mnist32_model`, `train_classifier`, seed {record['seed']}, "
                           f"{record['epochs']} epochs, Adam lr {record['lr']}); test accuracy "
                           f"{record['test_accuracy']:.4f} on `mnist:test`", MAX_ATTACKED_32))
-    return cases
+    return out
 
 
 def _attack_recorder(record: dict[str, dict[str, Any]]) -> Callable[..., Any]:
