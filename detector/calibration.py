@@ -365,19 +365,21 @@ def calibrate(model_path: str | os.PathLike[str], data: Dataset, out: str | os.P
                       f"above them, calibrate on about {math.ceil(MIN_TAIL_INPUTS / fpr * len(data) / right.sum())} "
                       "inputs", stacklevel=2)
     calibrators = {name: _calibrator(name, config).fit(s, classes, model.n_classes) for name, s in held_scores.items()}
-    p_held = cross_fitted_p_values(held_scores, classes, model.n_classes, lambda name: _calibrator(name, config),
-                                   folds=config.threshold_folds, seed=config.seed)
+    drafts = [FlagRule(name=name, thresholds=[], default_fpr=config.fprs[0], **choice)
+              for name, choice in _choose_rules(model_path, model, scorers, held_scores, Rows(data.x, held_idx),
+                                                data.y[held_idx], classes, quarters, config).items()]
+    members = {n for rule in drafts for n in rule.members}  # the thresholds read only the flags' members
+    p_held = cross_fitted_p_values({n: s for n, s in held_scores.items() if n in members}, classes, model.n_classes,
+                                   lambda name: _calibrator(name, config), folds=config.threshold_folds, seed=config.seed)
     rules, thr_stats, rates_all = [], {}, {}
-    for name, choice in _choose_rules(model_path, model, scorers, held_scores, Rows(data.x, held_idx),
-                                      data.y[held_idx], classes, quarters, config).items():
-        rule = FlagRule(name=name, thresholds=[], default_fpr=config.fprs[0], **choice)
-        fused = thr_stats[name] = rule.fusion_op().combine(np.stack([p_held[n][thr_rows] for n in rule.members], axis=1))
+    for rule in drafts:
+        fused = thr_stats[rule.name] = rule.fusion_op().combine(np.stack([p_held[n][thr_rows] for n in rule.members], axis=1))
         thresholds = []
         fused_right = fused[right]
         for fpr in config.fprs:
             value = Fusion.fit_threshold(fused_right, fpr)
             thresholds.append(Threshold(target_fpr=fpr, value=value, heldout_fpr=float(np.mean(fused_right > value))))
-            rates_all[f"{name}_flag_rate_all_clean@{fpr}"] = float(np.mean(fused > value))
+            rates_all[f"{rule.name}_flag_rate_all_clean@{fpr}"] = float(np.mean(fused > value))
         rules.append(rule.model_copy(update={"thresholds": thresholds}))
     steps.update()
 
